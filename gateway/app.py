@@ -1,0 +1,96 @@
+"""`serve()`: the top-level nursery that owns the HTTP server, the inventory poller, the
+embedder warm-up and the drain, and reports the bound address through `task_status`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
+
+from gateway.config import Config
+from gateway.drain import Drain
+from gateway.gate import ChatGate
+from gateway.server import hypercorn_config, serve_http
+from gateway.services import Services
+from gateway.target.client import TargetClient, make_http_client
+from gateway.target.inventory import Inventory
+from gateway.target.warmup import EmbedWarmer
+from gateway.web.app import create_app
+
+log = logging.getLogger("gateway")
+
+
+async def serve(
+    config: Config,
+    *,
+    environ: Mapping[str, str] | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until `shutdown_trigger` returns (forever if None), then drain.
+
+    Reports the first bound URL (for example `http://127.0.0.1:40123`) once it accepts
+    connections, so tests can bind port 0 and start the whole gateway in a nursery.
+    """
+    environ = os.environ if environ is None else environ
+    token = environ.get(config.ollama.token_env) or None
+    async with make_http_client(config.ollama) as http:
+        target = TargetClient(http, config.ollama, token=token)
+        inventory = Inventory(
+            target,
+            poll_interval_s=config.ollama.poll_interval_s,
+            degraded_poll_interval_s=config.ollama.degraded_poll_interval_s,
+            poll_timeout_s=min(10.0, config.ollama.first_byte_timeout_s),
+        )
+        warmer = (
+            EmbedWarmer(target, inventory, config.ollama.embed_model)
+            if config.ollama.embed_model
+            else None
+        )
+        gate = ChatGate(
+            config.gate.capacity,
+            max_queue=config.gate.max_queue,
+            max_wait_s=config.gate.max_wait_s,
+        )
+        services = Services(
+            config=config,
+            target=target,
+            inventory=inventory,
+            gate=gate,
+            drain=Drain(),
+            warmer=warmer,
+        )
+        hyper = hypercorn_config(
+            config.bind,
+            keep_alive_timeout_s=config.keep_alive_timeout_s,
+            max_body_bytes=config.max_body_bytes,
+            grace_s=config.shutdown_grace_s,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(inventory.run)
+            if warmer is not None:
+                nursery.start_soon(warmer.run)
+
+            async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve_http(
+                    create_app(services),
+                    hyper,
+                    drain=services.drain,
+                    grace_s=config.shutdown_grace_s,
+                    write_timeout_s=config.write_timeout_s,
+                    shutdown_trigger=shutdown_trigger or trio.sleep_forever,
+                    task_status=task_status,
+                )
+                # Drained and closed: the poller and the warmer end with the server.
+                nursery.cancel_scope.cancel()
+
+            binds: list[str] = await nursery.start(run_server)
+            log.info(
+                "gateway listening on %s, Ollama target %s%s",
+                ", ".join(binds),
+                target.url,
+                " (degraded: target unreachable)" if inventory.degraded else "",
+            )
+            task_status.started(binds[0])

@@ -1,0 +1,134 @@
+"""The `gateway` command: `serve` and `check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import msgspec
+import trio
+
+from gateway import __version__
+from gateway.config import Config, ConfigError, load, provider_names, redact_url
+from gateway.providers.keys import resolve_key
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="A LAN gateway in front of one Ollama GPU host and cloud model providers.",
+    )
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "TOML configuration file (default: $GATEWAY_CONFIG, else built-in defaults)"
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway until SIGINT or SIGTERM, then drain and exit 0.",
+    )
+    serve.add_argument("--config", metavar="FILE", help=config_help)
+    serve.add_argument("--bind", metavar="HOST:PORT", help="override `bind`")
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate and print the resolved configuration, secrets redacted",
+        description="Validate the configuration and print it resolved, with every secret"
+        " redacted. Exits 1 on any error.",
+    )
+    check.add_argument("--config", metavar="FILE", help=config_help)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    environ = dict(os.environ)
+    if getattr(args, "bind", None):
+        environ["GATEWAY_BIND"] = args.bind
+    try:
+        config = load(args.config, environ)
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check-config":
+        print(render_config(config, environ))
+        return 0
+    _setup_logging()
+    trio.run(partial(_serve_until_signal, config, environ))
+    return 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _serve_until_signal(config: Config, environ: Mapping[str, str]) -> None:
+    from gateway.app import serve
+
+    # Opened before serving, so a signal that arrives early is still a clean shutdown.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def until_signal() -> None:
+            async for signum in signals:
+                log.info(
+                    "%s received; draining (grace %g s)",
+                    signal.Signals(signum).name,
+                    config.shutdown_grace_s,
+                )
+                return
+
+        await serve(config, environ=environ, shutdown_trigger=until_signal)
+    log.info("gateway stopped")
+
+
+def render_config(config: Config, environ: Mapping[str, str]) -> str:
+    """The resolved configuration as TOML, with URLs' passwords and every key redacted."""
+    data = msgspec.to_builtins(config)
+    data["ollama"]["url"] = redact_url(config.ollama.url)
+    lines = ["# resolved configuration (secrets redacted)"]
+    _render_table(lines, "", data)
+    lines.append("")
+    lines.append("# credentials (values never shown)")
+    token_env = config.ollama.token_env
+    token_state = "set" if environ.get(token_env) else "not set"
+    lines.append(f"# ollama token: {token_state} ({token_env})")
+    for name in provider_names():
+        provider = getattr(config.providers, name)
+        key = resolve_key(provider.key_env, provider.env_file, environ)
+        state = f"registered, key from {key.source}" if key.present else f"not registered: {key.source}"
+        lines.append(f"# {name}: {state}")
+    return "\n".join(lines)
+
+
+def _render_table(lines: list[str], prefix: str, table: dict[str, object]) -> None:
+    nested = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            nested.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in nested:
+        name = f"{prefix}{key}"
+        if any(not isinstance(v, dict) for v in value.values()):
+            lines.append("")
+            lines.append(f"[{name}]")
+        _render_table(lines, f"{name}.", value)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return msgspec.json.encode(value).decode()

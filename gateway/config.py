@@ -1,0 +1,186 @@
+"""Configuration: one TOML file decoded into Structs, environment overrides, built-in defaults.
+
+Every key has a default, so the gateway serves with no file at all. Unknown keys are an
+error that names the key and the file. Durations end in `_s`, sizes in `_bytes`.
+An environment variable `GATEWAY_<SECTION>_<KEY>` overrides any key (for example
+`GATEWAY_GATE_MAX_QUEUE=8`); `GATEWAY_BIND` and `GATEWAY_OLLAMA_URL` are the common ones.
+Secrets are never in this file: it names the variables and `.env` files that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+ENV_PREFIX = "GATEWAY_"
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every config table: unknown keys are refused, values are immutable."""
+
+
+class OllamaConfig(_Section):
+    url: str = "http://127.0.0.1:11434"
+    token_env: str = "GATEWAY_OLLAMA_TOKEN"
+    poll_interval_s: Seconds = 30.0
+    degraded_poll_interval_s: Seconds = 2.0
+    embed_model: str = ""
+    connect_timeout_s: Seconds = 3.0
+    # Time allowed from sending a request to the response headers: covers a cold model load.
+    first_byte_timeout_s: Seconds = 300.0
+    # Longest silence allowed between two reads of an answer (body or stream line).
+    idle_timeout_s: Seconds = 300.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    allow_management: bool = False
+
+
+class GateConfig(_Section):
+    capacity: Annotated[int, msgspec.Meta(ge=1)] = 1
+    max_queue: Count = 64
+    # 0 waits as long as the client does.
+    max_wait_s: SecondsOrOff = 0.0
+
+
+class ProviderConfig(_Section):
+    base_url: str
+    key_env: str
+    env_file: str = ""
+    timeout_s: Seconds = 180.0
+
+
+def _provider(base_url: str, key_env: str, name: str) -> ProviderConfig:
+    return ProviderConfig(
+        base_url=base_url, key_env=key_env, env_file=f"/etc/gateway/{name}.env"
+    )
+
+
+class ProvidersConfig(_Section):
+    ollama_cloud: ProviderConfig = msgspec.field(
+        default_factory=lambda: _provider("https://ollama.com", "OLLAMA_CLOUD_KEY", "ollama_cloud")
+    )
+    openrouter: ProviderConfig = msgspec.field(
+        default_factory=lambda: _provider(
+            "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", "openrouter"
+        )
+    )
+    opencode: ProviderConfig = msgspec.field(
+        default_factory=lambda: _provider("https://opencode.ai/zen/v1", "OPENCODE_API_KEY", "opencode")
+    )
+    kimi: ProviderConfig = msgspec.field(
+        default_factory=lambda: _provider("https://api.kimi.com/coding/v1", "KIMI_API_KEY", "kimi")
+    )
+
+
+class Config(_Section):
+    bind: str = "127.0.0.1:11435"
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    # A client that accepts no bytes for this long is dropped, freeing the gate.
+    write_timeout_s: Seconds = 30.0
+    keep_alive_timeout_s: Seconds = 5.0
+    # On SIGINT/SIGTERM, running requests get this long to finish before they are ended.
+    shutdown_grace_s: SecondsOrOff = 30.0
+    ollama: OllamaConfig = msgspec.field(default_factory=OllamaConfig)
+    gate: GateConfig = msgspec.field(default_factory=GateConfig)
+    providers: ProvidersConfig = msgspec.field(default_factory=ProvidersConfig)
+
+    def bind_host_port(self) -> tuple[str, int]:
+        return parse_bind(self.bind)
+
+
+def parse_bind(bind: str) -> tuple[str, int]:
+    """Split `host:port` (IPv6 as `[::1]:port`) and check the port."""
+    host, sep, port_text = bind.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"bind: expected HOST:PORT, got {bind!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def _check_url(key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {redact_url(url)!r}")
+
+
+def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Config:
+    """Resolve the configuration: built-in defaults < TOML file < `GATEWAY_*` environment."""
+    if path is None and environ.get(CONFIG_ENV):
+        path = environ[CONFIG_ENV]
+    raw: dict[str, Any] = {}
+    source = "built-in defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{source}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
+    config = _apply_env(config, environ)
+    parse_bind(config.bind)
+    _check_url("ollama.url", config.ollama.url)
+    for name in provider_names():
+        _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
+    return config
+
+
+def provider_names() -> tuple[str, ...]:
+    return ProvidersConfig.__struct_fields__
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Object contains unknown field `x` - at `$.ollama`"; say it as a key path.
+    text = str(exc)
+    message, _, where = text.partition(" - at `$")
+    where = where.rstrip("`").lstrip(".")
+    if message.startswith("Object contains unknown field"):
+        key = message.split("`")[1]
+        return f"unknown key {'.'.join(p for p in (where, key) if p)!r}"
+    return f"{where or 'top level'}: {message}" if where else message
+
+
+def _apply_env(section: msgspec.Struct, environ: Mapping[str, str], prefix: str = "") -> Any:
+    """Return `section` with every `GATEWAY_<PATH>` variable applied to its leaf."""
+    changes: dict[str, Any] = {}
+    for field in msgspec.structs.fields(section):
+        value = getattr(section, field.name)
+        path = f"{prefix}{field.name}"
+        if isinstance(value, msgspec.Struct):
+            changes[field.name] = _apply_env(value, environ, f"{path}_")
+            continue
+        env_name = f"{ENV_PREFIX}{path}".upper()
+        if env_name in environ:
+            try:
+                changes[field.name] = msgspec.convert(environ[env_name], field.type, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{env_name}: {exc}") from None
+    return msgspec.structs.replace(section, **changes) if changes else section
+
+
+def redact_url(url: str) -> str:
+    """Hide a password carried in a URL's userinfo."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

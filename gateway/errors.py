@@ -1,0 +1,162 @@
+"""The gateway's one error tree, and the one place where an error becomes an HTTP status.
+
+```
+GatewayError                      status  meaning
+├── BadRequest                      400   the client's body or query is wrong
+│   └── PayloadTooLarge             413   the body is over `max_body_bytes`
+├── Unauthorized                    401   inbound bearer token missing or wrong
+├── Forbidden                       403   a route this configuration refuses
+├── RouteNotFound                   404   no such route
+├── MethodNotAllowed                405   the route exists, not with this method
+├── ModelNotFound                   404   the target has no such model
+├── ProviderNotRegistered           404   the model's provider has no key configured
+├── Unavailable                     503   the gateway cannot take the request now
+│   ├── GateFull                    503   the chat queue is at `max_queue`
+│   ├── GateTimeout                 503   waited `max_wait_s` for the chat gate
+│   ├── ShuttingDown                503   a signal asked the gateway to stop
+│   └── TargetDegraded              503   the Ollama target is known to be unreachable
+└── UpstreamError                   502   an upstream call failed
+    ├── UpstreamUnavailable         502   connection refused, reset, DNS (retry-eligible)
+    ├── UpstreamTimeout             504   an upstream deadline of ours fired
+    ├── UpstreamStatus              502   the upstream answered 4xx/5xx (429 stays 429)
+    └── UpstreamProtocol            502   bad JSON, a line over 4 MiB, a stream cut short
+```
+
+httpx's exceptions are mapped into this tree once, in `gateway.target.client` and
+`gateway.providers.http`; nothing above those layers sees an httpx error.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose; carries its HTTP status."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error asks for (for example `Retry-After`)."""
+        return {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class Unauthorized(GatewayError):
+    status = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    status = 403
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+
+
+class ModelNotFound(GatewayError):
+    """Worded exactly as Ollama words it, so Ollama clients recognise it."""
+
+    status = 404
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f'model "{model}" not found, try pulling it first')
+        self.model = model
+
+
+class ProviderNotRegistered(GatewayError):
+    status = 404
+
+
+class Unavailable(GatewayError):
+    status = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class GateFull(Unavailable):
+    pass
+
+
+class GateTimeout(Unavailable):
+    pass
+
+
+class ShuttingDown(Unavailable):
+    pass
+
+
+class TargetDegraded(Unavailable):
+    pass
+
+
+class UpstreamError(GatewayError):
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be reached at all; safe to retry, and a sign of degradation."""
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status; `upstream_status` keeps what it said."""
+
+    def __init__(
+        self, message: str, *, upstream_status: int, retry_after: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.retry_after = retry_after
+        # A rate limit is the client's to see and honour; every other failure is ours (502).
+        self.status = 429 if upstream_status == 429 else 502
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if self.retry_after else {}
+
+
+class UpstreamProtocol(UpstreamError):
+    pass
+
+
+class _ErrorBody(msgspec.Struct):
+    error: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def error_body(message: str) -> bytes:
+    """Ollama's error shape, `{"error": "..."}`, as bytes."""
+    return _encode(_ErrorBody(message))
+
+
+def error_line(message: str) -> bytes:
+    """One NDJSON error line, as Ollama ends a stream that failed after it started."""
+    return _encode(_ErrorBody(message)) + b"\n"

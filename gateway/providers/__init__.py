@@ -1,0 +1,1 @@
+"""Chat providers: the local Ollama target and cloud services, chosen by model name."""

@@ -1,0 +1,1 @@
+"""The local Ollama host: its client, wire models, NDJSON framing, inventory and warm-up."""

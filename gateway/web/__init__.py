@@ -1,0 +1,1 @@
+"""The HTTP surface: route handlers stay thin and call the layers below."""

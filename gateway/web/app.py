@@ -1,0 +1,74 @@
+"""The ASGI application: Ollama routes as raw ASGI, everything else on Quart-Trio."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Quart, Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from gateway.errors import GatewayError, error_body
+from gateway.services import Services
+from gateway.web import health
+from gateway.web.asgi import Receive, Scope, Send
+from gateway.web.ollama_api import OllamaProxy
+
+log = logging.getLogger("gateway.web")
+
+
+def json_error(error: GatewayError) -> Response:
+    return Response(
+        error_body(error.message),
+        status=error.status,
+        content_type="application/json; charset=utf-8",
+        headers=error.headers(),
+    )
+
+
+def create_quart_app(services: Services) -> Quart:
+    app = QuartTrio("gateway")
+    # The gateway owns its deadlines (STACK-NOTES 1, 3): no 60 s cut, body limit from config.
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = services.config.ollama.idle_timeout_s
+    app.config["MAX_CONTENT_LENGTH"] = services.config.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    @app.errorhandler(GatewayError)
+    async def gateway_error(error: GatewayError) -> Response:
+        return json_error(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 400
+        if status == 413:
+            message = f"request body is larger than the limit of {services.config.max_body_bytes} bytes"
+        elif status == 404:
+            message = f"no route {request.method} {request.path}"
+        else:
+            message = error.description or error.name
+        return Response(
+            error_body(message), status=status, content_type="application/json; charset=utf-8"
+        )
+
+    health.register(app, services)
+    return app
+
+
+class GatewayApp:
+    """Dispatches each request: Ollama's routes to the raw proxy, the rest to Quart."""
+
+    def __init__(self, services: Services) -> None:
+        self.quart = create_quart_app(services)
+        self.proxy = OllamaProxy(services)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.proxy.handles(scope["path"]):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.quart(scope, receive, send)
+
+
+def create_app(services: Services) -> Any:
+    return GatewayApp(services)

@@ -1,0 +1,330 @@
+"""Ollama's API, passed through byte for byte, as raw ASGI.
+
+Request bodies go upstream exactly as received (only `model` and `stream` are decoded, to
+route); answers come back exactly as sent, status and content type kept, streams
+forwarded chunk by chunk as they arrive. Generation routes queue on the chat gate;
+embeddings and everything else never do. These routes bypass Quart on purpose: they
+never need its request parsing, and they must control flushing, disconnects and the
+gate precisely (ADR 0005).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from gateway.errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    MethodNotAllowed,
+    ShuttingDown,
+    UpstreamError,
+    error_line,
+)
+from gateway.services import Services
+from gateway.target.client import RawResponse
+from gateway.target.ndjson import FrameWatch
+from gateway.target.wire import Routing
+from gateway.web.asgi import (
+    ClientGone,
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_error,
+    send_response,
+    until_disconnect,
+)
+
+
+class Kind(enum.Enum):
+    INFO = "info"  # `/`, `/api/version`: plain passthrough
+    LISTING = "listing"  # `/api/tags`, `/api/ps`: served from the inventory when degraded
+    SHOW = "show"
+    GENERATE = "generate"  # gated
+    EMBED = "embed"  # never gated
+    MANAGE = "manage"  # refused unless `ollama.allow_management`
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    methods: frozenset[str]
+
+
+def _route(kind: Kind, *methods: str) -> Route:
+    return Route(kind, frozenset(methods))
+
+
+ROUTES: dict[str, Route] = {
+    "/": _route(Kind.INFO, "GET", "HEAD"),
+    "/api/version": _route(Kind.INFO, "GET", "HEAD"),
+    "/api/tags": _route(Kind.LISTING, "GET", "HEAD"),
+    "/api/ps": _route(Kind.LISTING, "GET", "HEAD"),
+    "/api/show": _route(Kind.SHOW, "POST"),
+    "/api/chat": _route(Kind.GENERATE, "POST"),
+    "/api/generate": _route(Kind.GENERATE, "POST"),
+    "/api/embed": _route(Kind.EMBED, "POST"),
+    "/api/embeddings": _route(Kind.EMBED, "POST"),
+    "/api/pull": _route(Kind.MANAGE, "POST"),
+    "/api/push": _route(Kind.MANAGE, "POST"),
+    "/api/create": _route(Kind.MANAGE, "POST"),
+    "/api/copy": _route(Kind.MANAGE, "POST"),
+    "/api/delete": _route(Kind.MANAGE, "DELETE"),
+}
+_BLOBS = _route(Kind.MANAGE, "HEAD", "POST")
+
+# Hop-by-hop headers, and the ones hypercorn writes itself.
+_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"date",
+        b"server",
+        b"content-length",
+    }
+)
+
+_routing = msgspec.json.Decoder(Routing)
+
+
+def route_for(path: str) -> Route | None:
+    route = ROUTES.get(path)
+    if route is None and path.startswith("/api/blobs/"):
+        return _BLOBS
+    return route
+
+
+def parse_routing(body: bytes) -> Routing:
+    """Decode only what routing needs; the body itself is forwarded untouched."""
+    if not body.strip():
+        raise BadRequest("missing request body")
+    try:
+        return _routing.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+class _Responder:
+    """Sends one answer, and knows whether it has started (to end it with an error line)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def chunk(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def full(self, status: int, body: bytes, headers: Headers) -> None:
+        self.started = True
+        await send_response(self._send, status, body, headers=headers)
+
+    async def fail(self, error: GatewayError, *, mid_line: bool = False) -> None:
+        if not self.started:
+            await send_error(self._send, error)
+            return
+        # After the first byte the status is gone: end the stream as Ollama does.
+        await self.end((b"\n" if mid_line else b"") + error_line(error.message))
+
+
+def _forwarded_headers(upstream: RawResponse) -> Headers:
+    return [
+        (name, value)
+        for name, value in upstream.headers.raw
+        if name.lower() not in _DROPPED
+    ]
+
+
+class OllamaProxy:
+    """The ASGI endpoint for every Ollama route."""
+
+    def __init__(self, services: Services) -> None:
+        self._s = services
+        self._max_body = services.config.max_body_bytes
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return route_for(path) is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        responder = _Responder(send)
+        try:
+            await self._handle(scope, receive, responder)
+        except ClientGone:
+            return
+        except GatewayError as exc:
+            await responder.fail(exc)
+
+    async def _handle(self, scope: Scope, receive: Receive, responder: _Responder) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = route_for(path)
+        assert route is not None  # the dispatcher only sends routes that `handles`
+        if method not in route.methods:
+            allowed = ", ".join(sorted(route.methods))
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
+        body = await read_body(scope, receive, self._max_body)
+        upstream_path = path + (f"?{scope['query_string'].decode('latin-1')}"
+                                if scope.get("query_string") else "")
+        content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
+        forward = _Forward(self._s, method, upstream_path, body or None, content_type, responder)
+
+        match route.kind:
+            case Kind.GENERATE:
+                routing = parse_routing(body)
+                if not routing.model_name:
+                    raise BadRequest("model is required")
+                await self._s.inventory.require_model(routing.model_name)
+                self._s.gate.check_admission()
+                await self._run(receive, responder, forward.gated(routing.model_name), committed=False)
+            case Kind.EMBED:
+                routing = parse_routing(body)
+                if not routing.model_name:
+                    raise BadRequest("model is required")
+                await self._s.inventory.require_model(routing.model_name)
+                await self._run(receive, responder, forward.plain)
+            case Kind.SHOW:
+                parse_routing(body)
+                await self._run(receive, responder, forward.plain)
+            case Kind.LISTING:
+                await self._run(receive, responder, forward.listing(path))
+            case Kind.MANAGE:
+                if not self._s.config.ollama.allow_management:
+                    raise Forbidden(
+                        f"{path} changes the models on the GPU host and is disabled on this"
+                        " gateway (set ollama.allow_management = true to enable it)"
+                    )
+                await self._run(receive, responder, forward.plain)
+            case Kind.INFO:
+                await self._run(receive, responder, forward.plain)
+
+    async def _run(
+        self,
+        receive: Receive,
+        responder: _Responder,
+        work: Callable[[], Awaitable[None]],
+        *,
+        committed: bool = True,
+    ) -> None:
+        """Run upstream work under the drain and the disconnect watch; answer its errors."""
+        with self._s.drain.track() as activity:
+            activity.committed = committed
+
+            async def guarded() -> None:
+                failure: GatewayError | None = None
+                try:
+                    with activity.scope:
+                        await work()
+                except GatewayError as exc:
+                    failure = exc
+                if activity.ended_by_shutdown:
+                    failure = ShuttingDown("the gateway is shutting down; retry shortly")
+                if failure is not None:
+                    await responder.fail(failure)
+
+            await until_disconnect(receive, guarded)
+
+
+class _Forward:
+    """One request's upstream work, in the variants the routes need."""
+
+    def __init__(
+        self,
+        services: Services,
+        method: str,
+        path: str,
+        body: bytes | None,
+        content_type: str,
+        responder: _Responder,
+    ) -> None:
+        self._s = services
+        self._method = method
+        self._path = path
+        self._body = body
+        self._content_type = content_type
+        self.responder = responder
+        self.frames = FrameWatch()
+
+    async def plain(self) -> None:
+        try:
+            async with self._s.target.raw(
+                self._method, self._path, self._body, content_type=self._content_type
+            ) as upstream:
+                await self._relay(upstream)
+        except UpstreamError as exc:
+            raise self._s.inventory.note_failure(exc) from exc
+
+    def gated(self, model: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            async with self._s.gate.hold(model):
+                await self.plain()
+
+        return run
+
+    def listing(self, path: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            inventory = self._s.inventory
+            if not inventory.degraded:
+                try:
+                    await self.plain()
+                    return
+                except GatewayError:
+                    if self.responder.started or not inventory.degraded:
+                        raise
+            snapshot = inventory.snapshot
+            body = snapshot.tags_body if path == "/api/tags" else snapshot.ps_body
+            age = inventory.age_s()
+            await self.responder.full(
+                200,
+                body if self._method == "GET" else b"",
+                [
+                    (b"x-gateway-inventory", b"cached"),
+                    (b"x-gateway-inventory-age-s", b"never" if age is None else b"%.0f" % age),
+                ],
+            )
+
+        return run
+
+    async def _relay(self, upstream: RawResponse) -> None:
+        headers = _forwarded_headers(upstream)
+        length = upstream.headers.get("content-length")
+        if length is not None:
+            # A complete answer: read it whole, so a short read can still be a clean 502.
+            # HEAD has no body but keeps the length a GET would have.
+            data = await upstream.read()
+            headers.append((b"content-length", str(len(data)).encode() if data else
+                            length.encode()))
+            await self.responder.start(upstream.status, headers)
+            await self.responder.end(data)
+            return
+        await self.responder.start(upstream.status, headers)
+        frames = self.frames
+        try:
+            async for chunk in upstream.chunks():
+                frames.feed(chunk)
+                await self.responder.chunk(chunk)
+        except UpstreamError as exc:
+            self._s.inventory.note_failure(exc)
+            await self.responder.fail(exc, mid_line=frames.mid_line)
+            return
+        await self.responder.end()

@@ -1,0 +1,571 @@
+"""An Ollama server emulator, faithful to ollama's docs/api.md and server/routes.go."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import trio
+
+from .http import EmulatorBase, Exchange
+from .wire import (
+    DEFAULT_KEEP_ALIVE_S,
+    FOREVER_S,
+    OllamaModel,
+    canonical,
+    decode_go_json,
+    dump,
+    embedding_vector,
+    go_time,
+    ns,
+    parse_keep_alive,
+    split_tokens,
+)
+
+JSON_UTF8 = "application/json; charset=utf-8"
+NDJSON = "application/x-ndjson"
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+class OllamaEmulator(EmulatorBase):
+    """See tests/emulators/README.md."""
+
+    error_content_type = JSON_UTF8
+
+    def __init__(
+        self,
+        models: Sequence[str] = ("llama3:latest", "qwen2.5:7b", "nomic-embed-text:latest"),
+        *,
+        token_delay_s: float = 0.0,
+        load_delay_s: float = 0.0,
+        embed_delay_s: float = 0.0,
+        reply: str = "The sky is blue because of Rayleigh scattering.",
+        required_token: str | None = None,
+        version: str = "0.12.6",
+    ) -> None:
+        super().__init__()
+        self.catalog: dict[str, OllamaModel] = {}
+        for name in models:
+            self.add_model(name)
+        self.token_delay_s = token_delay_s
+        self.load_delay_s = load_delay_s
+        self.embed_delay_s = embed_delay_s
+        self.reply = reply
+        self.required_token = required_token
+        self.version = version
+        self.loaded: dict[str, object] = {}  # canonical name -> keep_alive as last sent
+        self.keep_alive_seen: dict[str, object] = {}
+        self.blobs: set[str] = set()
+        self.embed_hold: trio.Event | None = None
+        self.active_embeds = 0
+        self.max_concurrent_embeds = 0
+        self._loading: dict[str, trio.Event] = {}
+        self._used_at: dict[str, datetime] = {}
+        self._num_ctx: dict[str, int] = {}
+
+    # --------------------------------------------------------------- public
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.catalog)
+
+    def add_model(self, name: str) -> None:
+        model = OllamaModel.describe(name)
+        self.catalog[model.name] = model
+
+    def evict(self, name: str) -> None:
+        """Unload a model, as if its keep_alive expired."""
+        self.loaded.pop(canonical(name), None)
+        self.changed()
+
+    def is_generation_path(self, path: str) -> bool:
+        return path in ("/api/chat", "/api/generate")
+
+    def is_embed_path(self, path: str) -> bool:
+        return path in ("/api/embed", "/api/embeddings")
+
+    def error_body(self, status: int) -> bytes:
+        messages = {
+            499: "request canceled",
+            503: "server busy, please try again.  maximum pending requests exceeded",
+        }
+        return dump({"error": messages.get(status, f"{status} error from emulated ollama")})
+
+    # -------------------------------------------------------------- routing
+
+    async def handle(self, exchange: Exchange) -> None:
+        path, method = exchange.path, exchange.method
+        token = self.required_token
+        authorized = token is None or exchange.header("authorization") == f"Bearer {token}"
+        if path.startswith("/api") and not authorized:
+            await self._error(exchange, 401, "unauthorized")
+            return
+        routes: dict[str, dict[str, Handler]] = {
+            "/": {"GET": self._root, "HEAD": self._root},
+            "/api/version": {"GET": self._version, "HEAD": self._version},
+            "/api/tags": {"GET": self._tags, "HEAD": self._tags},
+            "/api/ps": {"GET": self._ps},
+            "/api/show": {"POST": self._show},
+            "/api/chat": {"POST": self._chat},
+            "/api/generate": {"POST": self._generate},
+            "/api/embed": {"POST": self._embed},
+            "/api/embeddings": {"POST": self._embeddings},
+            "/api/pull": {"POST": self._pull},
+            "/api/push": {"POST": self._push},
+            "/api/create": {"POST": self._create},
+            "/api/copy": {"POST": self._copy},
+            "/api/delete": {"DELETE": self._delete},
+        }
+        if path.startswith("/api/blobs/") and len(path) > len("/api/blobs/"):
+            routes[path] = {"HEAD": self._head_blob, "POST": self._create_blob}
+        methods = routes.get(path)
+        if methods is None:
+            await exchange.respond(404, b"404 page not found", content_type="text/plain")
+        elif method not in methods:
+            await exchange.respond(405, b"405 method not allowed", content_type="text/plain")
+        else:
+            await methods[method](exchange)
+
+    async def _json(self, exchange: Exchange, status: int, obj: object) -> None:
+        await exchange.respond(status, dump(obj), content_type=JSON_UTF8)
+
+    async def _error(self, exchange: Exchange, status: int, message: str) -> None:
+        await self._json(exchange, status, {"error": message})
+
+    # ---------------------------------------------------------- simple routes
+
+    async def _root(self, exchange: Exchange) -> None:
+        body = b"Ollama is running"
+        await exchange.respond(200, body, content_type="text/plain; charset=utf-8")
+
+    async def _version(self, exchange: Exchange) -> None:
+        await self._json(exchange, 200, {"version": self.version})
+
+    async def _tags(self, exchange: Exchange) -> None:
+        await self._json(exchange, 200, {"models": [m.listing() for m in self.catalog.values()]})
+
+    async def _ps(self, exchange: Exchange) -> None:
+        entries: list[tuple[datetime, dict[str, Any]]] = []
+        for name, keep_alive in self.loaded.items():
+            model = self.catalog.get(name) or OllamaModel.describe(name)
+            try:
+                seconds = parse_keep_alive(keep_alive)
+            except ValueError:
+                seconds = None
+            seconds = DEFAULT_KEEP_ALIVE_S if seconds is None else min(seconds, FOREVER_S)
+            expires = self._used_at.get(name, datetime.now(UTC)) + timedelta(seconds=seconds)
+            entry = {
+                "name": model.name,
+                "model": model.name,
+                "size": model.size,
+                "digest": model.digest,
+                "details": model.details(),
+                "expires_at": go_time(expires),
+                "size_vram": model.size,
+                "context_length": self._num_ctx.get(name, 4096),
+            }
+            entries.append((expires, entry))
+        entries.sort(key=lambda item: item[0], reverse=True)
+        await self._json(exchange, 200, {"models": [entry for _, entry in entries]})
+
+    async def _show(self, exchange: Exchange) -> None:
+        req, err = decode_go_json(exchange.request.body, "ShowRequest")
+        if err is not None:
+            await self._error(exchange, 400, err)
+            return
+        name = req.get("model") or req.get("name")
+        if not isinstance(name, str) or not name:
+            await self._error(exchange, 400, "model is required")
+            return
+        model = self.catalog.get(canonical(name))
+        if model is None:
+            await self._error(exchange, 404, f"model '{name}' not found")
+            return
+        template = "{{ .Prompt }}"
+        modelfile = (
+            '# Modelfile generated by "ollama show"\n'
+            "# To build a new Modelfile based on this, replace FROM with:\n"
+            f"# FROM {model.name}\n\n"
+            f"FROM /root/.ollama/models/blobs/sha256-{model.digest}\n"
+            f'TEMPLATE """{template}"""\n'
+            'PARAMETER stop "<|eot_id|>"\n'
+        )
+        family = model.family
+        await self._json(
+            exchange,
+            200,
+            {
+                "modelfile": modelfile,
+                "parameters": 'stop                           "<|eot_id|>"',
+                "template": template,
+                "details": model.details(),
+                "model_info": {
+                    "general.architecture": family,
+                    "general.parameter_count": model.size * 2,
+                    f"{family}.context_length": 8192,
+                    f"{family}.embedding_length": 768 if model.embedding else 4096,
+                },
+                "capabilities": ["embedding"] if model.embedding else ["completion", "tools"],
+                "modified_at": model.modified_at,
+            },
+        )
+
+    # ------------------------------------------------------------ generation
+
+    async def _load(self, model: OllamaModel, keep_alive: object, options: dict[str, Any]) -> float:
+        """Load (once, shared by concurrent requests) and mark used; returns seconds spent."""
+        started = trio.current_time()
+        while model.name not in self.loaded:
+            loading = self._loading.get(model.name)
+            if loading is not None:
+                await loading.wait()
+                continue
+            loading = self._loading[model.name] = trio.Event()
+            try:
+                if self.load_delay_s > 0:
+                    await trio.sleep(self.load_delay_s)
+                self.loaded[model.name] = keep_alive
+            finally:
+                del self._loading[model.name]
+                loading.set()
+        self.loaded[model.name] = keep_alive
+        self._used_at[model.name] = datetime.now(UTC)
+        if isinstance(options.get("num_ctx"), int):
+            self._num_ctx[model.name] = options["num_ctx"]
+        self.changed()
+        return trio.current_time() - started
+
+    def _unload_if_zero(self, model: OllamaModel, keep_alive: float | None) -> None:
+        if keep_alive == 0:
+            self.loaded.pop(model.name, None)
+            self.changed()
+
+    async def _chat(self, exchange: Exchange) -> None:
+        await self._complete(exchange, chat=True)
+
+    async def _generate(self, exchange: Exchange) -> None:
+        await self._complete(exchange, chat=False)
+
+    async def _complete(self, exchange: Exchange, *, chat: bool) -> None:
+        kind = "chat" if chat else "generate"
+        req, err = decode_go_json(
+            exchange.request.body, "ChatRequest" if chat else "GenerateRequest"
+        )
+        if err is not None:
+            await self._error(exchange, 400, err)
+            return
+        name = req.get("model")
+        if not isinstance(name, str) or not name:
+            await self._error(exchange, 400, "model is required")
+            return
+        model = self.catalog.get(canonical(name))
+        if model is None:
+            await self._error(exchange, 404, f"model '{name}' not found")
+            return
+        if model.embedding:
+            await self._error(exchange, 400, f"{json.dumps(name)} does not support {kind}")
+            return
+        try:
+            keep_alive = parse_keep_alive(req.get("keep_alive"))
+        except ValueError as exc:
+            await self._error(exchange, 400, str(exc))
+            return
+        self.keep_alive_seen[model.name] = req.get("keep_alive")
+        options = req.get("options") if isinstance(req.get("options"), dict) else {}
+        assert isinstance(options, dict)
+        messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
+        prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
+        head: dict[str, Any] = {"model": name, "created_at": go_time()}
+        if (chat and not messages) or (not chat and not prompt):
+            # an empty request loads (or with keep_alive 0, unloads) the model
+            if keep_alive == 0:
+                self._unload_if_zero(model, keep_alive)
+                reason = "unload"
+            else:
+                await self._load(model, req.get("keep_alive"), options)
+                reason = "load"
+            body = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            await self._json(exchange, 200, {**head, **body, "done": True, "done_reason": reason})
+            return
+
+        texts = [str(m.get("content", "")) for m in messages] if chat else [prompt]
+        users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
+        tag = exchange.header("x-test-tag") or (users[0] if chat and users else prompt or "")
+        prompt_count = max(1, sum(len(t.split()) for t in texts))
+        text = self.reply
+        if req.get("format") is not None and req.get("format") != "":
+            text = json.dumps({"answer": self.reply})
+        tokens = split_tokens(text)
+        done_reason = "stop"
+        num_predict = options.get("num_predict")
+        if type(num_predict) is int and 0 <= num_predict < len(tokens):
+            tokens, done_reason = tokens[:num_predict], "length"
+
+        def piece(content: str) -> dict[str, Any]:
+            if chat:
+                return {
+                    **head,
+                    "created_at": go_time(),
+                    "message": {"role": "assistant", "content": content},
+                    "done": False,
+                }
+            return {**head, "created_at": go_time(), "response": content, "done": False}
+
+        def final(content: str, load_s: float, eval_started: float) -> dict[str, Any]:
+            obj = piece(content)
+            obj.update(done=True, done_reason=done_reason)
+            if not chat:
+                obj["context"] = [1000 + i for i in range(prompt_count + len(tokens))]
+            now = trio.current_time()
+            obj.update(
+                total_duration=ns(now - started),
+                load_duration=ns(load_s),
+                prompt_eval_count=prompt_count,
+                prompt_eval_duration=prompt_count * 100_000,
+                eval_count=len(tokens),
+                eval_duration=ns(now - eval_started),
+            )
+            return obj
+
+        started = trio.current_time()
+        async with self.generation(tag) as outcome:
+            try:
+                load_s = await self._load(model, req.get("keep_alive"), options)
+                eval_started = trio.current_time()
+                if req.get("stream") is False:
+                    await self.wait_hold(self.hold)
+                    if self.token_delay_s > 0:
+                        await trio.sleep(self.token_delay_s * len(tokens))
+                    await self._json(exchange, 200, final("".join(tokens), load_s, eval_started))
+                else:
+                    await self._stream(
+                        exchange, tokens, piece, lambda: final("", load_s, eval_started)
+                    )
+                outcome.completed = True
+            finally:
+                self._unload_if_zero(model, keep_alive)
+
+    async def _stream(
+        self,
+        exchange: Exchange,
+        tokens: list[str],
+        piece: Callable[[str], dict[str, Any]],
+        final: Callable[[], dict[str, Any]],
+    ) -> None:
+        await exchange.start_stream(
+            200, content_type=NDJSON, faulty=self.fault_applies(exchange.path)
+        )
+        lines = 0
+
+        async def emit(obj: dict[str, Any]) -> None:
+            nonlocal lines
+            if lines and self.token_delay_s > 0:
+                await trio.sleep(self.token_delay_s)
+            await exchange.write_chunk(dump(obj) + b"\n")
+            lines += 1
+
+        overlong = self.overlong_bytes(exchange)
+        if overlong is not None:
+            pad = overlong - len(dump(piece("")))
+            await emit(piece("x" * max(pad, 0)))
+        for index, token in enumerate(tokens):
+            await emit(piece(token))
+            if index == 0:
+                await self.wait_hold(self.hold)
+        if not tokens:
+            await self.wait_hold(self.hold)
+        await emit(final())
+        await exchange.end_stream()
+
+    # ------------------------------------------------------------ embeddings
+
+    @asynccontextmanager
+    async def _embedding(self) -> AsyncIterator[None]:
+        self.active_embeds += 1
+        self.max_concurrent_embeds = max(self.max_concurrent_embeds, self.active_embeds)
+        self.changed()
+        try:
+            yield
+        finally:
+            self.active_embeds -= 1
+            self.changed()
+
+    async def _embed_common(
+        self, exchange: Exchange, type_name: str
+    ) -> tuple[dict[str, Any], OllamaModel, float | None] | None:
+        req, err = decode_go_json(exchange.request.body, type_name)
+        if err is not None:
+            await self._error(exchange, 400, err)
+            return None
+        name = req.get("model")
+        if not isinstance(name, str) or not name:
+            await self._error(exchange, 400, "model is required")
+            return None
+        model = self.catalog.get(canonical(name))
+        if model is None:
+            await self._error(
+                exchange, 404, f"model {json.dumps(name)} not found, try pulling it first"
+            )
+            return None
+        try:
+            keep_alive = parse_keep_alive(req.get("keep_alive"))
+        except ValueError as exc:
+            await self._error(exchange, 400, str(exc))
+            return None
+        self.keep_alive_seen[model.name] = req.get("keep_alive")
+        return req, model, keep_alive
+
+    async def _embed(self, exchange: Exchange) -> None:
+        common = await self._embed_common(exchange, "EmbedRequest")
+        if common is None:
+            return
+        req, model, keep_alive = common
+        raw = req.get("input")
+        if isinstance(raw, str):
+            inputs = [raw] if raw else []
+        elif isinstance(raw, list) and all(isinstance(v, str) for v in raw):
+            inputs = list(raw)
+        elif raw is None:
+            inputs = []
+        else:
+            await self._error(exchange, 400, "invalid input type")
+            return
+        started = trio.current_time()
+        async with self._embedding():
+            try:
+                load_s = await self._load(model, req.get("keep_alive"), {})
+                if self.embed_delay_s > 0:
+                    await trio.sleep(self.embed_delay_s)
+                await self.wait_hold(self.embed_hold)
+                body: dict[str, Any] = {"model": req["model"], "embeddings": []}
+                if inputs:
+                    body["embeddings"] = [embedding_vector(t, normalize=True) for t in inputs]
+                    body["total_duration"] = ns(trio.current_time() - started)
+                    body["load_duration"] = ns(load_s)
+                    body["prompt_eval_count"] = sum(max(1, len(t.split())) for t in inputs)
+                await self._json(exchange, 200, body)
+            finally:
+                self._unload_if_zero(model, keep_alive)
+
+    async def _embeddings(self, exchange: Exchange) -> None:
+        common = await self._embed_common(exchange, "EmbeddingRequest")
+        if common is None:
+            return
+        req, model, keep_alive = common
+        prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
+        async with self._embedding():
+            try:
+                await self._load(model, req.get("keep_alive"), {})
+                if self.embed_delay_s > 0:
+                    await trio.sleep(self.embed_delay_s)
+                await self.wait_hold(self.embed_hold)
+                vector = embedding_vector(prompt, normalize=False) if prompt else []
+                await self._json(exchange, 200, {"embedding": vector})
+            finally:
+                self._unload_if_zero(model, keep_alive)
+
+    # ------------------------------------------------------ model management
+
+    async def _progress(
+        self, exchange: Exchange, req: dict[str, Any], statuses: list[dict[str, Any]]
+    ) -> None:
+        if req.get("stream") is False:
+            await exchange.respond(200, dump(statuses[-1]), content_type="application/json")
+            return
+        await exchange.start_stream(
+            200, content_type=NDJSON, faulty=self.fault_applies(exchange.path)
+        )
+        for status in statuses:
+            await exchange.write_chunk(dump(status) + b"\n")
+        await exchange.end_stream()
+
+    async def _model_op(
+        self, exchange: Exchange, type_name: str
+    ) -> tuple[dict[str, Any], str] | None:
+        req, err = decode_go_json(exchange.request.body, type_name)
+        name = req.get("model") or req.get("name")
+        if err is None and (not isinstance(name, str) or not name):
+            err = "model is required"
+        if err is not None:
+            await self._error(exchange, 400, err)
+            return None
+        assert isinstance(name, str)
+        return req, name
+
+    async def _pull(self, exchange: Exchange) -> None:
+        op = await self._model_op(exchange, "PullRequest")
+        if op is None:
+            return
+        req, name = op
+        model = OllamaModel.describe(name)
+        layer = {"digest": f"sha256:{model.digest}", "total": model.size, "completed": model.size}
+        statuses = [
+            {"status": "pulling manifest"},
+            {"status": f"pulling {model.digest[:12]}", **layer},
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        self.add_model(name)
+        await self._progress(exchange, req, statuses)
+
+    async def _push(self, exchange: Exchange) -> None:
+        op = await self._model_op(exchange, "PushRequest")
+        if op is not None:
+            statuses = [
+                {"status": "retrieving manifest"},
+                {"status": "pushing manifest"},
+                {"status": "success"},
+            ]
+            await self._progress(exchange, op[0], statuses)
+
+    async def _create(self, exchange: Exchange) -> None:
+        op = await self._model_op(exchange, "CreateRequest")
+        if op is not None:
+            self.add_model(op[1])
+            statuses = [
+                {"status": "gathering model components"},
+                {"status": "writing manifest"},
+                {"status": "success"},
+            ]
+            await self._progress(exchange, op[0], statuses)
+
+    async def _copy(self, exchange: Exchange) -> None:
+        req, err = decode_go_json(exchange.request.body, "CopyRequest")
+        source, destination = str(req.get("source") or ""), str(req.get("destination") or "")
+        if err is None and not destination:
+            err = f'destination "{destination}" is invalid'
+        if err is not None:
+            await self._error(exchange, 400, err)
+        elif canonical(source) not in self.catalog:
+            await self._error(exchange, 404, f"model {json.dumps(source)} not found")
+        else:
+            self.add_model(destination)
+            await exchange.respond(200)
+
+    async def _delete(self, exchange: Exchange) -> None:
+        op = await self._model_op(exchange, "DeleteRequest")
+        if op is None:
+            return
+        name = op[1]
+        if self.catalog.pop(canonical(name), None) is None:
+            await self._error(exchange, 404, f"model '{name}' not found")
+            return
+        self.loaded.pop(canonical(name), None)
+        self.changed()
+        await exchange.respond(200)
+
+    async def _head_blob(self, exchange: Exchange) -> None:
+        digest = exchange.path.removeprefix("/api/blobs/")
+        if digest in self.blobs:
+            await exchange.respond(200)
+        else:
+            await self._error(exchange, 404, f"blob {json.dumps(digest)} not found")
+
+    async def _create_blob(self, exchange: Exchange) -> None:
+        self.blobs.add(exchange.path.removeprefix("/api/blobs/"))
+        await exchange.respond(201)
