@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import trio
 
@@ -22,17 +23,25 @@ from gateway.web.app import create_app
 log = logging.getLogger("gateway")
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What `serve` reports once it accepts connections."""
+
+    url: str  # the first bound URL, for example `http://127.0.0.1:40123`
+    services: Services
+
+
 async def serve(
     config: Config,
     *,
     environ: Mapping[str, str] | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until `shutdown_trigger` returns (forever if None), then drain.
 
-    Reports the first bound URL (for example `http://127.0.0.1:40123`) once it accepts
-    connections, so tests can bind port 0 and start the whole gateway in a nursery.
+    Reports `Started` once it accepts connections, so tests can bind port 0 and start
+    the whole gateway inside a nursery.
     """
     environ = os.environ if environ is None else environ
     token = environ.get(config.ollama.token_env) or None
@@ -93,4 +102,4 @@ async def serve(
                 target.url,
                 " (degraded: target unreachable)" if inventory.degraded else "",
             )
-            task_status.started(binds[0])
+            task_status.started(Started(binds[0], services))

@@ -106,7 +106,9 @@ def render_config(config: Config, environ: Mapping[str, str]) -> str:
     for name in provider_names():
         provider = getattr(config.providers, name)
         key = resolve_key(provider.key_env, provider.env_file, environ)
-        state = f"registered, key from {key.source}" if key.present else f"not registered: {key.source}"
+        state = (
+            f"registered, key from {key.source}" if key.present else f"not registered: {key.source}"
+        )
         lines.append(f"# {name}: {state}")
     return "\n".join(lines)
 

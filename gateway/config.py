@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -24,6 +24,7 @@ CONFIG_ENV = "GATEWAY_CONFIG"
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 SecondsOrOff = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class ConfigError(Exception):
@@ -34,7 +35,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     """Base of every config table: unknown keys are refused, values are immutable."""
 
 
-class OllamaConfig(_Section):
+class OllamaConfig(_Section, frozen=True):
     url: str = "http://127.0.0.1:11434"
     token_env: str = "GATEWAY_OLLAMA_TOKEN"
     poll_interval_s: Seconds = 30.0
@@ -49,14 +50,14 @@ class OllamaConfig(_Section):
     allow_management: bool = False
 
 
-class GateConfig(_Section):
+class GateConfig(_Section, frozen=True):
     capacity: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_queue: Count = 64
     # 0 waits as long as the client does.
     max_wait_s: SecondsOrOff = 0.0
 
 
-class ProviderConfig(_Section):
+class ProviderConfig(_Section, frozen=True):
     base_url: str
     key_env: str
     env_file: str = ""
@@ -64,12 +65,10 @@ class ProviderConfig(_Section):
 
 
 def _provider(base_url: str, key_env: str, name: str) -> ProviderConfig:
-    return ProviderConfig(
-        base_url=base_url, key_env=key_env, env_file=f"/etc/gateway/{name}.env"
-    )
+    return ProviderConfig(base_url=base_url, key_env=key_env, env_file=f"/etc/gateway/{name}.env")
 
 
-class ProvidersConfig(_Section):
+class ProvidersConfig(_Section, frozen=True):
     ollama_cloud: ProviderConfig = msgspec.field(
         default_factory=lambda: _provider("https://ollama.com", "OLLAMA_CLOUD_KEY", "ollama_cloud")
     )
@@ -79,14 +78,16 @@ class ProvidersConfig(_Section):
         )
     )
     opencode: ProviderConfig = msgspec.field(
-        default_factory=lambda: _provider("https://opencode.ai/zen/v1", "OPENCODE_API_KEY", "opencode")
+        default_factory=lambda: _provider(
+            "https://opencode.ai/zen/v1", "OPENCODE_API_KEY", "opencode"
+        )
     )
     kimi: ProviderConfig = msgspec.field(
         default_factory=lambda: _provider("https://api.kimi.com/coding/v1", "KIMI_API_KEY", "kimi")
     )
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     # A client that accepts no bytes for this long is dropped, freeing the gate.
@@ -133,15 +134,31 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     try:
-        config = msgspec.convert(raw, Config)
+        config = msgspec.convert(_with_provider_defaults(raw), Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
     config = _apply_env(config, environ)
-    parse_bind(config.bind)
-    _check_url("ollama.url", config.ollama.url)
-    for name in provider_names():
-        _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
+    try:
+        parse_bind(config.bind)
+        _check_url("ollama.url", config.ollama.url)
+        for name in provider_names():
+            _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def _with_provider_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A `[providers.x]` table only states what differs: fill in x's defaults under it."""
+    tables = raw.get("providers")
+    if not isinstance(tables, dict):
+        return raw
+    defaults = msgspec.to_builtins(ProvidersConfig())
+    merged = {
+        name: {**defaults[name], **table} if name in defaults and isinstance(table, dict) else table
+        for name, table in tables.items()
+    }
+    return {**raw, "providers": merged}
 
 
 def provider_names() -> tuple[str, ...]:
@@ -159,7 +176,7 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return f"{where or 'top level'}: {message}" if where else message
 
 
-def _apply_env(section: msgspec.Struct, environ: Mapping[str, str], prefix: str = "") -> Any:
+def _apply_env(section: S, environ: Mapping[str, str], prefix: str = "") -> S:
     """Return `section` with every `GATEWAY_<PATH>` variable applied to its leaf."""
     changes: dict[str, Any] = {}
     for field in msgspec.structs.fields(section):

@@ -38,7 +38,7 @@ log = logging.getLogger("gateway.server")
 CLOSE_MARGIN_S = 3.0
 
 
-class _GatewayTCPServer(TCPServer):  # type: ignore[misc]
+class _GatewayTCPServer(TCPServer):
     """hypercorn's connection, with a write deadline and a shielded idle-timer re-arm."""
 
     def __init__(self, *args: Any, write_timeout_s: float) -> None:
@@ -104,14 +104,16 @@ async def serve_http(
         await lifespan.wait_for_startup()
 
         sockets = config.create_sockets()
-        listeners: list[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = []
+        listeners: list[trio.abc.Listener[Any]] = []
         binds: list[str] = []
         ssl_context = config.create_ssl_context()
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             sock.listen(config.backlog)
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            listener: trio.abc.Listener[Any] = trio.SocketListener(
+                trio.socket.from_stdlib_socket(sock)
+            )
             secure = sock in sockets.secure_sockets
-            if secure:
+            if secure and ssl_context is not None:
                 listeners.append(trio.SSLListener(listener, ssl_context, https_compatible=True))
             else:
                 listeners.append(listener)
@@ -129,7 +131,9 @@ async def serve_http(
         async with trio.open_nursery() as server_nursery:
             async with trio.open_nursery() as accept_nursery:
                 accept_nursery.start_soon(
-                    partial(trio.serve_listeners, handler, listeners, handler_nursery=server_nursery)
+                    partial(
+                        trio.serve_listeners, handler, listeners, handler_nursery=server_nursery
+                    )
                 )
                 task_status.started(binds)
                 await shutdown_trigger()

@@ -83,3 +83,22 @@ def test_frame_watch_bounds_a_line_spanning_chunks() -> None:
     watch.feed(b"x" * 60)
     with pytest.raises(LineTooLong):
         watch.feed(b"y" * 41 + b"\n")
+
+
+def test_frame_watch_bounds_a_spanning_line_followed_by_more_lines_in_one_chunk() -> None:
+    # The end of an over-long line can arrive in the same read as the lines after it.
+    watch = FrameWatch(max_line_bytes=100)
+    watch.feed(b"x" * 90)
+    with pytest.raises(LineTooLong):
+        watch.feed(b"x" * 20 + b'\n{"a":1}\n{"a":2}\n')
+
+
+def test_frame_watch_last_line_when_one_chunk_holds_several_lines_after_a_partial() -> None:
+    watch = FrameWatch()
+    watch.feed(b'{"a":')
+    watch.feed(b'1}\n{"b":2}\n{"c":')
+    assert watch.last_line == b'{"b":2}'
+    assert watch.mid_line
+    watch.feed(b"3}\n")
+    assert watch.last_line == b'{"c":3}'
+    assert watch.lines == 3

@@ -52,8 +52,10 @@ def resolve_key(key_env: str, env_file: str, environ: Mapping[str, str]) -> Reso
         if not path.is_file():
             return ResolvedKey(None, f"{key_env} is not set and {env_file} does not exist")
         values = dotenv_values(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        return ResolvedKey(None, f"{key_env} is not set and {env_file} cannot be read ({exc.strerror if isinstance(exc, OSError) else 'not UTF-8'})")
+    except OSError as exc:
+        return ResolvedKey(None, f"{key_env} is not set and {env_file} unreadable: {exc.strerror}")
+    except UnicodeDecodeError:
+        return ResolvedKey(None, f"{key_env} is not set and {env_file} is not UTF-8 text")
     file_value = (values.get(key_env) or "").strip()
     if file_value:
         return ResolvedKey(Secret(file_value), f"{env_file} ({key_env})")

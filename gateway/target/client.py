@@ -84,28 +84,35 @@ def upstream_message(body: bytes, status: int) -> str:
 
 
 class RawResponse:
-    """An upstream answer whose body is handed on untouched, chunk by chunk."""
+    """An upstream answer whose body is handed on untouched, chunk by chunk.
+
+    Iterating it yields body chunks as they arrive, with errors mapped to the gateway's
+    tree. It is an iterator object rather than an async generator, so abandoning it
+    midway (a client that left) needs no finalizer: `raw()` closes it.
+    """
 
     def __init__(self, response: httpx.Response, target: str) -> None:
         self._response = response
         self._target = target
+        self._chunks = response.aiter_raw()
         self.status = response.status_code
         self.headers = response.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive; errors mapped to the gateway's tree."""
-        iterator = self._response.aiter_raw()
-        while True:
-            try:
-                chunk = await anext(iterator)
-            except StopAsyncIteration:
-                return
-            except httpx.HTTPError as exc:
-                raise map_error(exc, self._target) from exc
-            yield chunk
+    def __aiter__(self) -> RawResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except httpx.HTTPError as exc:
+            raise map_error(exc, self._target) from exc
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        return b"".join([chunk async for chunk in self])
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._response.aclose()
 
 
 def map_error(exc: httpx.HTTPError, target: str) -> UpstreamError:
@@ -167,17 +174,16 @@ class TargetClient:
             with trio.fail_after(deadline_s):
                 response = await self._http.send(request, stream=True)
         except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"{self.name} sent no answer within {deadline_s:g} s"
-            ) from None
+            raise UpstreamTimeout(f"{self.name} sent no answer within {deadline_s:g} s") from None
         except httpx.HTTPError as exc:
             raise map_error(exc, self.name) from exc
+        raw = RawResponse(response, self.name)
         try:
-            yield RawResponse(response, self.name)
+            yield raw
         finally:
             # Closing is a socket close; shielded so a cancelled caller still frees it.
             with trio.CancelScope(shield=True):
-                await response.aclose()
+                await raw.aclose()
 
     async def _call(self, method: str, path: str, payload: Any, kind: type[T]) -> T:
         return (await self._call_keeping_body(method, path, payload, kind))[1]
@@ -210,7 +216,7 @@ class TargetClient:
                 )
             splitter = NdjsonSplitter(self._max_line_bytes)
             decoder = _decoder(kind)
-            async for chunk in response.chunks():
+            async for chunk in response:
                 for line in splitter.feed(chunk):
                     yield self._frame(decoder, line)
             if (rest := splitter.close()) is not None:

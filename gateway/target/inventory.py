@@ -27,6 +27,7 @@ from gateway.target.wire import ModelEntry, ModelList, canonical_model
 
 log = logging.getLogger("gateway.inventory")
 
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One good poll: installed models (`/api/tags`) and loaded models (`/api/ps`)."""
@@ -189,8 +190,6 @@ class Inventory:
     def _set_degraded(self, reason: str) -> None:
         if not self.degraded or not self._ever_polled:
             kept = len(self.snapshot.installed)
-            log.warning(
-                "%s; serving degraded with %d known models until it answers", reason, kept
-            )
+            log.warning("%s; serving degraded with %d known models until it answers", reason, kept)
         self.degraded = True
         self.last_error = reason

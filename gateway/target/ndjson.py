@@ -77,25 +77,26 @@ class FrameWatch:
         return self._partial_len > 0
 
     def feed(self, chunk: bytes) -> None:
-        end = chunk.rfind(b"\n")
-        if end == -1:
+        first = chunk.find(b"\n")
+        if first == -1:
             self._partial.append(chunk)
             self._partial_len += len(chunk)
             if self._partial_len > self._max:
                 raise LineTooLong(self._max)
             return
-        self.lines += chunk.count(b"\n")
-        start = chunk.rfind(b"\n", 0, end) + 1
-        if start == 0 and self._partial:
-            self.last_line = b"".join(self._partial) + chunk[:end]
-        else:
-            self.last_line = chunk[start:end]
-        if start == 0 and self._partial_len + end > self._max:
+        # The line that spans chunks ends at this chunk's first newline.
+        if self._partial_len + first > self._max:
             raise LineTooLong(self._max)
+        last = chunk.rfind(b"\n")
+        self.lines += chunk.count(b"\n")
+        if first == last and self._partial:
+            self.last_line = b"".join(self._partial) + chunk[:last]
+        else:
+            self.last_line = chunk[chunk.rfind(b"\n", 0, last) + 1 : last]
         self._partial.clear()
-        rest = len(chunk) - end - 1
+        rest = len(chunk) - last - 1
         self._partial_len = rest
         if rest:
-            self._partial.append(chunk[end + 1 :])
-        if rest > self._max:
-            raise LineTooLong(self._max)
+            self._partial.append(chunk[last + 1 :])
+            if rest > self._max:
+                raise LineTooLong(self._max)

@@ -31,11 +31,15 @@ class EmbedWarmer:
         warmed_for_recovery = -1
         while True:
             inventory = self._inventory
-            if not inventory.degraded and (
-                warmed_for_recovery != inventory.recoveries or not inventory.is_loaded(self.model)
+            if (
+                not inventory.degraded
+                and (
+                    warmed_for_recovery != inventory.recoveries
+                    or not inventory.is_loaded(self.model)
+                )
+                and await self._warm()
             ):
-                if await self._warm():
-                    warmed_for_recovery = inventory.recoveries
+                warmed_for_recovery = inventory.recoveries
             await inventory.next_poll()
 
     async def _warm(self) -> bool:

@@ -22,7 +22,7 @@ class Routing(Wire):
 
     model: str | UnsetType = UNSET
     name: str | UnsetType = UNSET  # /api/show and the management routes still accept `name`
-    stream: bool | None | UnsetType = UNSET
+    stream: bool | UnsetType | None = UNSET
 
     @property
     def model_name(self) -> str:

@@ -43,7 +43,9 @@ def create_quart_app(services: Services) -> Quart:
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 400
         if status == 413:
-            message = f"request body is larger than the limit of {services.config.max_body_bytes} bytes"
+            message = (
+                f"request body is larger than the limit of {services.config.max_body_bytes} bytes"
+            )
         elif status == 404:
             message = f"no route {request.method} {request.path}"
         else:
@@ -60,7 +62,8 @@ class GatewayApp:
     """Dispatches each request: Ollama's routes to the raw proxy, the rest to Quart."""
 
     def __init__(self, services: Services) -> None:
-        self.quart = create_quart_app(services)
+        # Typed loosely on purpose: Quart's signature wants hypercorn's TypedDict scopes.
+        self.quart: Any = create_quart_app(services)
         self.proxy = OllamaProxy(services)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

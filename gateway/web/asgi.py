@@ -54,9 +54,12 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 async def send_response(
-    send: Send, status: int, body: bytes, *, content_type: bytes = JSON, headers: Iterable[
-        tuple[bytes, bytes]
-    ] = ()
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    content_type: bytes = JSON,
+    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     response_headers = [(b"content-type", content_type), *headers]
     response_headers.append((b"content-length", str(len(body)).encode()))
@@ -70,9 +73,7 @@ async def send_error(send: Send, error: GatewayError) -> None:
     await send_response(send, error.status, error_body(error.message), headers=extra)
 
 
-async def until_disconnect(
-    receive: Receive, work: Callable[[], Awaitable[None]]
-) -> None:
+async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
     """Run `work`, cancelling it if the client disconnects first.
 
     The request body must already be read: from here on, `receive` yields only

@@ -148,11 +148,7 @@ class _Responder:
 
 
 def _forwarded_headers(upstream: RawResponse) -> Headers:
-    return [
-        (name, value)
-        for name, value in upstream.headers.raw
-        if name.lower() not in _DROPPED
-    ]
+    return [(name, value) for name, value in upstream.headers.raw if name.lower() not in _DROPPED]
 
 
 class OllamaProxy:
@@ -184,8 +180,9 @@ class OllamaProxy:
             allowed = ", ".join(sorted(route.methods))
             raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
         body = await read_body(scope, receive, self._max_body)
-        upstream_path = path + (f"?{scope['query_string'].decode('latin-1')}"
-                                if scope.get("query_string") else "")
+        upstream_path = path + (
+            f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
+        )
         content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
         forward = _Forward(self._s, method, upstream_path, body or None, content_type, responder)
 
@@ -196,7 +193,9 @@ class OllamaProxy:
                     raise BadRequest("model is required")
                 await self._s.inventory.require_model(routing.model_name)
                 self._s.gate.check_admission()
-                await self._run(receive, responder, forward.gated(routing.model_name), committed=False)
+                await self._run(
+                    receive, responder, forward.gated(routing.model_name), committed=False
+                )
             case Kind.EMBED:
                 routing = parse_routing(body)
                 if not routing.model_name:
@@ -312,15 +311,16 @@ class _Forward:
             # A complete answer: read it whole, so a short read can still be a clean 502.
             # HEAD has no body but keeps the length a GET would have.
             data = await upstream.read()
-            headers.append((b"content-length", str(len(data)).encode() if data else
-                            length.encode()))
+            headers.append(
+                (b"content-length", str(len(data)).encode() if data else length.encode())
+            )
             await self.responder.start(upstream.status, headers)
             await self.responder.end(data)
             return
         await self.responder.start(upstream.status, headers)
         frames = self.frames
         try:
-            async for chunk in upstream.chunks():
+            async for chunk in upstream:
                 frames.feed(chunk)
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:

@@ -71,10 +71,20 @@ class ConnectionAbort(Exception):
 
 
 class GenerationOutcome:
-    """Set ``completed`` once the whole response has been written."""
+    """Handed out by ``EmulatorBase.generation``."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: EmulatorBase) -> None:
         self.completed = False
+        self._server = server
+
+    def complete(self) -> None:
+        """Count the generation as completed; called just before its last write, so that
+        the counters are already up to date when the client sees the end of the response."""
+        if not self.completed:
+            self.completed = True
+            self._server.active_generations -= 1
+            self._server.completed_generations += 1
+            self._server.changed()
 
 
 @dataclass(eq=False)
@@ -139,8 +149,8 @@ class Exchange:
         await self._send(response)
         if body and self.method != "HEAD":
             await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
         self.request.emitted.append((trio.current_time(), body))
+        await self._send(h11.EndOfMessage())
         self.finished = True
         self.server.changed()
 
@@ -157,7 +167,8 @@ class Exchange:
         self.server.emitted = self.request.emitted
         await self._send(self._head(status, content_type, headers))
 
-    async def _apply_stream_faults(self) -> None:
+    async def apply_stream_faults(self) -> None:
+        """Die or hang here if the mid-stream faults say so (also done by each write)."""
         if not self._stream_faults:
             return
         faults = self.server.faults
@@ -168,7 +179,7 @@ class Exchange:
 
     async def write_chunk(self, data: bytes) -> None:
         """Send ``data`` on the socket at once, as its own HTTP chunk."""
-        await self._apply_stream_faults()
+        await self.apply_stream_faults()
         await self._send(h11.Data(data=data))
         self._lines += 1
         self.request.emitted.append((trio.current_time(), data))
@@ -176,7 +187,7 @@ class Exchange:
 
     async def end_stream(self) -> None:
         """The terminating zero-length chunk."""
-        await self._apply_stream_faults()
+        await self.apply_stream_faults()
         await self._send(h11.EndOfMessage())
         self.finished = True
         self.server.changed()
@@ -440,7 +451,7 @@ class EmulatorBase:
     @asynccontextmanager
     async def generation(self, tag: str) -> AsyncIterator[GenerationOutcome]:
         """Count one generation; not completed and not a server fault = cancelled."""
-        outcome = GenerationOutcome()
+        outcome = GenerationOutcome(self)
         self.active_generations += 1
         self.max_concurrent_generations = max(
             self.max_concurrent_generations, self.active_generations
@@ -454,12 +465,11 @@ class EmulatorBase:
             faulted = True
             raise
         finally:
-            self.active_generations -= 1
-            if outcome.completed:
-                self.completed_generations += 1
-            elif not faulted:
-                self.cancelled_generations += 1
-            self.changed()
+            if not outcome.completed:
+                self.active_generations -= 1
+                if not faulted:
+                    self.cancelled_generations += 1
+                self.changed()
 
     async def wait_hold(self, hold: trio.Event | None) -> None:
         """Wait for a test's hold event (the peer watcher cancels us on disconnect)."""

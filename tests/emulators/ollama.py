@@ -333,6 +333,11 @@ class OllamaEmulator(EmulatorBase):
 
         started = trio.current_time()
         async with self.generation(tag) as outcome:
+
+            def done() -> None:  # just before the last write: state settled for the client
+                outcome.complete()
+                self._unload_if_zero(model, keep_alive)
+
             try:
                 load_s = await self._load(model, req.get("keep_alive"), options)
                 eval_started = trio.current_time()
@@ -340,12 +345,12 @@ class OllamaEmulator(EmulatorBase):
                     await self.wait_hold(self.hold)
                     if self.token_delay_s > 0:
                         await trio.sleep(self.token_delay_s * len(tokens))
+                    done()
                     await self._json(exchange, 200, final("".join(tokens), load_s, eval_started))
                 else:
                     await self._stream(
-                        exchange, tokens, piece, lambda: final("", load_s, eval_started)
+                        exchange, tokens, piece, lambda: final("", load_s, eval_started), done
                     )
-                outcome.completed = True
             finally:
                 self._unload_if_zero(model, keep_alive)
 
@@ -355,44 +360,66 @@ class OllamaEmulator(EmulatorBase):
         tokens: list[str],
         piece: Callable[[str], dict[str, Any]],
         final: Callable[[], dict[str, Any]],
+        done: Callable[[], None],
     ) -> None:
         await exchange.start_stream(
             200, content_type=NDJSON, faulty=self.fault_applies(exchange.path)
         )
         lines = 0
 
-        async def emit(obj: dict[str, Any]) -> None:
+        async def emit(obj: dict[str, Any] | None) -> None:
             nonlocal lines
             if lines and self.token_delay_s > 0:
                 await trio.sleep(self.token_delay_s)
+            if obj is None:  # the final line
+                await exchange.apply_stream_faults()
+                done()
+                obj = final()
             await exchange.write_chunk(dump(obj) + b"\n")
             lines += 1
 
         overlong = self.overlong_bytes(exchange)
         if overlong is not None:
-            pad = overlong - len(dump(piece("")))
-            await emit(piece("x" * max(pad, 0)))
+            line = piece("")
+            filler = "x" * max(overlong - len(dump(line)), 0)
+            if "message" in line:
+                line["message"]["content"] = filler
+            else:
+                line["response"] = filler
+            await emit(line)
         for index, token in enumerate(tokens):
             await emit(piece(token))
             if index == 0:
                 await self.wait_hold(self.hold)
         if not tokens:
             await self.wait_hold(self.hold)
-        await emit(final())
+        await emit(None)
         await exchange.end_stream()
 
     # ------------------------------------------------------------ embeddings
 
     @asynccontextmanager
-    async def _embedding(self) -> AsyncIterator[None]:
+    async def _embedding(
+        self, model: OllamaModel, keep_alive: float | None
+    ) -> AsyncIterator[Callable[[], None]]:
+        """Count an active embed; call the yielded ``done`` just before answering."""
         self.active_embeds += 1
         self.max_concurrent_embeds = max(self.max_concurrent_embeds, self.active_embeds)
         self.changed()
+        finished = False
+
+        def done() -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                self.active_embeds -= 1
+                self._unload_if_zero(model, keep_alive)
+                self.changed()
+
         try:
-            yield
+            yield done
         finally:
-            self.active_embeds -= 1
-            self.changed()
+            done()
 
     async def _embed_common(
         self, exchange: Exchange, type_name: str
@@ -435,21 +462,19 @@ class OllamaEmulator(EmulatorBase):
             await self._error(exchange, 400, "invalid input type")
             return
         started = trio.current_time()
-        async with self._embedding():
-            try:
-                load_s = await self._load(model, req.get("keep_alive"), {})
-                if self.embed_delay_s > 0:
-                    await trio.sleep(self.embed_delay_s)
-                await self.wait_hold(self.embed_hold)
-                body: dict[str, Any] = {"model": req["model"], "embeddings": []}
-                if inputs:
-                    body["embeddings"] = [embedding_vector(t, normalize=True) for t in inputs]
-                    body["total_duration"] = ns(trio.current_time() - started)
-                    body["load_duration"] = ns(load_s)
-                    body["prompt_eval_count"] = sum(max(1, len(t.split())) for t in inputs)
-                await self._json(exchange, 200, body)
-            finally:
-                self._unload_if_zero(model, keep_alive)
+        async with self._embedding(model, keep_alive) as done:
+            load_s = await self._load(model, req.get("keep_alive"), {})
+            if self.embed_delay_s > 0:
+                await trio.sleep(self.embed_delay_s)
+            await self.wait_hold(self.embed_hold)
+            body: dict[str, Any] = {"model": req["model"], "embeddings": []}
+            if inputs:
+                body["embeddings"] = [embedding_vector(t, normalize=True) for t in inputs]
+                body["total_duration"] = ns(trio.current_time() - started)
+                body["load_duration"] = ns(load_s)
+                body["prompt_eval_count"] = sum(max(1, len(t.split())) for t in inputs)
+            done()
+            await self._json(exchange, 200, body)
 
     async def _embeddings(self, exchange: Exchange) -> None:
         common = await self._embed_common(exchange, "EmbeddingRequest")
@@ -457,16 +482,14 @@ class OllamaEmulator(EmulatorBase):
             return
         req, model, keep_alive = common
         prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
-        async with self._embedding():
-            try:
-                await self._load(model, req.get("keep_alive"), {})
-                if self.embed_delay_s > 0:
-                    await trio.sleep(self.embed_delay_s)
-                await self.wait_hold(self.embed_hold)
-                vector = embedding_vector(prompt, normalize=False) if prompt else []
-                await self._json(exchange, 200, {"embedding": vector})
-            finally:
-                self._unload_if_zero(model, keep_alive)
+        async with self._embedding(model, keep_alive) as done:
+            await self._load(model, req.get("keep_alive"), {})
+            if self.embed_delay_s > 0:
+                await trio.sleep(self.embed_delay_s)
+            await self.wait_hold(self.embed_hold)
+            vector = embedding_vector(prompt, normalize=False) if prompt else []
+            done()
+            await self._json(exchange, 200, {"embedding": vector})
 
     # ------------------------------------------------------ model management
 

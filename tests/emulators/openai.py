@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from .http import EmulatorBase, Exchange
+from .http import EmulatorBase, Exchange, GenerationOutcome
 from .wire import split_tokens
 
 JSON = "application/json"
@@ -217,7 +217,13 @@ class OpenAIEmulator(EmulatorBase):
                 options = req.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 await self._stream(
-                    exchange, head, tokens, finish_reason, usage if include_usage else None, zero
+                    outcome,
+                    exchange,
+                    head,
+                    tokens,
+                    finish_reason,
+                    usage if include_usage else None,
+                    zero,
                 )
             else:
                 await self.wait_hold(self.hold)
@@ -235,13 +241,14 @@ class OpenAIEmulator(EmulatorBase):
                     "choices": [] if zero else [choice],
                     "usage": usage,
                 }
+                outcome.complete()
                 await exchange.respond(
                     200, json.dumps(body, indent=2).encode(), content_type=JSON, headers=self._ids()
                 )
-            outcome.completed = True
 
     async def _stream(
         self,
+        outcome: GenerationOutcome,
         exchange: Exchange,
         head: dict[str, Any],
         tokens: list[str],
@@ -262,10 +269,13 @@ class OpenAIEmulator(EmulatorBase):
                 obj["usage"] = None
             return obj
 
-        async def emit(payload: str) -> None:
+        async def emit(payload: str, *, settle: bool = False) -> None:
             nonlocal events
             if events and self.token_delay_s > 0:
                 await trio.sleep(self.token_delay_s)
+            if settle:  # the end is in sight for the client: settle the counters first
+                await exchange.apply_stream_faults()
+                outcome.complete()
             await exchange.write_chunk(f"data: {payload}\n\n".encode())
             events += 1
 
@@ -287,8 +297,8 @@ class OpenAIEmulator(EmulatorBase):
                     await self.wait_hold(self.hold)
             if not tokens:
                 await self.wait_hold(self.hold)
-            await emit(encode(chunk({}, finish_reason)))
+            await emit(encode(chunk({}, finish_reason)), settle=True)
             if usage is not None:
                 await emit(encode({**base, "choices": [], "usage": usage}))
-        await emit("[DONE]")
+        await emit("[DONE]", settle=True)
         await exchange.end_stream()

@@ -1,0 +1,117 @@
+"""Shared fixtures: upstream emulators and the whole gateway, on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+
+from gateway.app import Started, serve
+from gateway.config import Config
+from gateway.services import Services
+from tests.emulators import OllamaEmulator, OpenAIEmulator
+
+
+def make_config(ollama_url: str, **sections: Any) -> Config:
+    """A config for tests: port 0, fast polls, the given overrides merged in by section."""
+    raw: dict[str, Any] = {
+        "bind": "127.0.0.1:0",
+        "shutdown_grace_s": 2.0,
+        "ollama": {
+            "url": ollama_url,
+            "poll_interval_s": 30.0,
+            "degraded_poll_interval_s": 0.2,
+            "connect_timeout_s": 1.0,
+        },
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return msgspec.convert(raw, Config)
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    services: Services
+    config: Config
+    stop: trio.Event
+    stopped: trio.Event
+    client: httpx.AsyncClient
+    environ: dict[str, str] = field(default_factory=dict)
+
+
+StartGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def ollama(nursery: trio.Nursery) -> OllamaEmulator:
+    emulator = OllamaEmulator()
+    await nursery.start(emulator.run)
+    return emulator
+
+
+@pytest.fixture
+async def openai_emu(nursery: trio.Nursery) -> OpenAIEmulator:
+    emulator = OpenAIEmulator()
+    await nursery.start(emulator.run)
+    return emulator
+
+
+@pytest.fixture
+async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
+    """Start a whole gateway (`gateway.app.serve`) in the test's nursery."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def start(config: Config, *, environ: dict[str, str] | None = None) -> RunningGateway:
+        stop = trio.Event()
+        stopped = trio.Event()
+        env = environ or {}
+
+        async def run(task_status: trio.TaskStatus[Started]) -> None:
+            try:
+                await serve(
+                    config, environ=env, shutdown_trigger=stop.wait, task_status=task_status
+                )
+            finally:
+                stopped.set()
+
+        started: Started = await nursery.start(run)
+        client = httpx.AsyncClient(base_url=started.url, timeout=10.0, trust_env=False)
+        clients.append(client)
+        return RunningGateway(started.url, started.services, config, stop, stopped, client, env)
+
+    yield start
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway, ollama: OllamaEmulator) -> RunningGateway:
+    """The gateway in front of the Ollama emulator, with default settings."""
+    return await start_gateway(make_config(ollama.url))
+
+
+async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 5.0) -> None:
+    """Wait until `predicate()` holds, for state that changes across a socket (where no
+    event can be awaited); bounded, and it fails the test with a timeout if never true."""
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.002)
+
+
+async def stop_gateway(gw: RunningGateway, timeout_s: float = 10.0) -> None:
+    gw.stop.set()
+    with trio.fail_after(timeout_s):
+        await gw.stopped.wait()
+
+
+__all__ = ["RunningGateway", "StartGateway", "eventually", "make_config", "partial", "stop_gateway"]
