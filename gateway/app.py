@@ -13,6 +13,9 @@ import trio
 from gateway.config import Config
 from gateway.drain import Drain
 from gateway.gate import ChatGate
+from gateway.providers.http import make_provider_client
+from gateway.providers.local import LocalOllama
+from gateway.providers.registry import build_registry
 from gateway.server import hypercorn_config, serve_http
 from gateway.services import Services
 from gateway.target.client import TargetClient, make_http_client
@@ -45,7 +48,10 @@ async def serve(
     """
     environ = os.environ if environ is None else environ
     token = environ.get(config.ollama.token_env) or None
-    async with make_http_client(config.ollama) as http:
+    async with (
+        make_http_client(config.ollama) as http,
+        make_provider_client() as provider_http,
+    ):
         target = TargetClient(http, config.ollama, token=token)
         inventory = Inventory(
             target,
@@ -63,13 +69,15 @@ async def serve(
             max_queue=config.gate.max_queue,
             max_wait_s=config.gate.max_wait_s,
         )
+        local = LocalOllama(target, inventory, gate)
         services = Services(
             config=config,
             target=target,
             inventory=inventory,
             gate=gate,
-            drain=Drain(),
+            drain=Drain(on_drain=[gate.refuse_waiters]),
             warmer=warmer,
+            registry=build_registry(config, environ, provider_http, local),
         )
         hyper = hypercorn_config(
             config.bind,

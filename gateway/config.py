@@ -133,11 +133,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
             raise ConfigError(f"{source}: cannot read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(_with_provider_defaults(raw), Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_explain(exc)}") from None
-    config = _apply_env(config, environ)
+    config = _apply_env(from_mapping(raw, source=source), environ)
     try:
         parse_bind(config.bind)
         _check_url("ollama.url", config.ollama.url)
@@ -146,6 +142,14 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
+
+
+def from_mapping(raw: Mapping[str, Any], *, source: str = "configuration") -> Config:
+    """Decode a TOML-shaped mapping (what the file holds) into a `Config`."""
+    try:
+        return msgspec.convert(_with_provider_defaults(dict(raw)), Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
 
 
 def _with_provider_defaults(raw: dict[str, Any]) -> dict[str, Any]:

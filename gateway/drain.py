@@ -1,16 +1,16 @@
 """Graceful shutdown: track running requests, refuse new work, and end what outlives the grace.
 
 Each request that does upstream work runs inside `Drain.track()`, which gives it a cancel
-scope of its own. On shutdown, `drain()` refuses new work, cancels requests still queued
-for the gate (they answer 503), waits up to the grace period for the rest, then cancels
-those too; each handler sees its own scope cancelled and ends its stream with an error
-line, instead of being cut by the server.
+scope of its own. On shutdown, `drain()` refuses new work, runs the shedding callbacks
+(the gate refuses its waiters, who answer 503), waits up to the grace period for running
+work, then cancels it; each handler sees its own scope cancelled and ends its stream
+with an error line, instead of being cut by the server.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,8 +22,6 @@ from gateway.errors import ShuttingDown
 @dataclass(slots=True)
 class Activity:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    # Set once the request holds the gate or streams: from then on it gets the grace period.
-    committed: bool = False
 
     @property
     def ended_by_shutdown(self) -> bool:
@@ -31,7 +29,8 @@ class Activity:
 
 
 class Drain:
-    def __init__(self) -> None:
+    def __init__(self, *, on_drain: Sequence[Callable[[str], None]] = ()) -> None:
+        self._on_drain = tuple(on_drain)
         self.draining = False
         self._active: dict[int, Activity] = {}
         self._ids = itertools.count()
@@ -62,9 +61,8 @@ class Drain:
     async def drain(self, grace_s: float) -> None:
         """Refuse new work, shed the queue, give running work `grace_s`, then end it."""
         self.draining = True
-        for activity in list(self._active.values()):
-            if not activity.committed:
-                activity.scope.cancel()
+        for shed in self._on_drain:
+            shed("the gateway is shutting down; retry shortly")
         with trio.move_on_after(grace_s):
             await self._idle.wait()
         for activity in list(self._active.values()):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import trio
 
-from gateway.errors import GateFull, GateTimeout
+from gateway.errors import GateFull, GateTimeout, ShuttingDown
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +48,10 @@ class ChatGate:
         self.max_wait_s = max_wait_s
         self._send, self._receive = trio.open_memory_channel[None](capacity)
         self._holders: dict[int, Holder] = {}
+        self._waiting: dict[int, trio.CancelScope] = {}
         self._tickets = itertools.count(1)
         self._granted_total = 0
+        self._refusal = ""
 
     @property
     def queued(self) -> int:
@@ -61,12 +63,20 @@ class ChatGate:
 
     def check_admission(self) -> None:
         """Refuse now if a new waiter would overflow the queue (call before responding)."""
+        if self._refusal:
+            raise ShuttingDown(self._refusal, retry_after_s=5)
         if self.busy >= self.capacity and self.queued >= self.max_queue:
             raise GateFull(
                 f"server busy, {self.queued} requests are already waiting for the model;"
                 " retry later",
                 retry_after_s=max(1, self.queued // max(self.capacity, 1)),
             )
+
+    def refuse_waiters(self, reason: str) -> None:
+        """From now on refuse everyone who waits or comes (shutdown); holders keep the gate."""
+        self._refusal = reason
+        for scope in self._waiting.values():
+            scope.cancel()
 
     @asynccontextmanager
     async def hold(self, label: str = "") -> AsyncIterator[float]:
@@ -77,18 +87,24 @@ class ChatGate:
         """
         self.check_admission()
         started = trio.current_time()
-        if self.max_wait_s > 0:
-            with trio.move_on_after(self.max_wait_s) as waited:
-                await self._send.send(None)
-            if waited.cancelled_caught:
-                raise GateTimeout(
-                    f"server busy, waited {self.max_wait_s:g} s for the model; retry later",
-                    retry_after_s=max(1, int(self.max_wait_s)),
-                )
-        else:
-            await self._send.send(None)
-        now = trio.current_time()
         ticket = next(self._tickets)
+        waiting = trio.CancelScope()
+        if self.max_wait_s > 0:
+            waiting.deadline = started + self.max_wait_s
+        self._waiting[ticket] = waiting
+        try:
+            with waiting:
+                await self._send.send(None)
+        finally:
+            del self._waiting[ticket]
+        if waiting.cancelled_caught:
+            if self._refusal:
+                raise ShuttingDown(self._refusal, retry_after_s=5)
+            raise GateTimeout(
+                f"server busy, waited {self.max_wait_s:g} s for the model; retry later",
+                retry_after_s=max(1, int(self.max_wait_s)),
+            )
+        now = trio.current_time()
         self._holders[ticket] = Holder(ticket, label, now)
         self._granted_total += 1
         try:

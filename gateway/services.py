@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gateway.config import Config
 from gateway.drain import Drain
 from gateway.gate import ChatGate
+from gateway.providers.registry import Registry
 from gateway.target.client import TargetClient
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
@@ -20,3 +21,4 @@ class Services:
     gate: ChatGate
     drain: Drain
     warmer: EmbedWarmer | None
+    registry: Registry

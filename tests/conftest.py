@@ -8,12 +8,11 @@ from functools import partial
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 import trio
 
 from gateway.app import Started, serve
-from gateway.config import Config
+from gateway.config import Config, from_mapping, provider_names
 from gateway.services import Services
 from tests.emulators import OllamaEmulator, OpenAIEmulator
 
@@ -30,12 +29,17 @@ def make_config(ollama_url: str, **sections: Any) -> Config:
             "connect_timeout_s": 1.0,
         },
     }
+    # Hermetic: no provider reads a key file from the machine running the tests.
+    providers: dict[str, Any] = {name: {"env_file": ""} for name in provider_names()}
+    for name, table in sections.pop("providers", {}).items():
+        providers[name] = {**providers[name], **table}
+    raw["providers"] = providers
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return msgspec.convert(raw, Config)
+    return from_mapping(raw, source="test config")
 
 
 @dataclass

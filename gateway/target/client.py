@@ -8,7 +8,7 @@ are mapped into `gateway.errors` here, once.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -17,30 +17,22 @@ import msgspec
 import trio
 
 from gateway.config import OllamaConfig, redact_url
-from gateway.errors import (
-    GatewayError,
-    UpstreamError,
-    UpstreamProtocol,
-    UpstreamStatus,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from gateway.errors import UpstreamProtocol, UpstreamStatus, UpstreamTimeout
 from gateway.target.ndjson import MAX_LINE_BYTES, NdjsonSplitter
 from gateway.target.wire import (
     ChatChunk,
     EmbedResponse,
-    ErrorBody,
     GenerateChunk,
     ModelList,
     ShowResponse,
     VersionResponse,
 )
+from gateway.upstream import map_error, upstream_message
 
 T = TypeVar("T", bound=msgspec.Struct)
 
 _encode = msgspec.json.Encoder().encode
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
-_error_decoder = msgspec.json.Decoder(ErrorBody)
 
 
 def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
@@ -69,18 +61,6 @@ def make_http_client(config: OllamaConfig) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,
     )
-
-
-def upstream_message(body: bytes, status: int) -> str:
-    """The upstream's own `{"error": ...}` text, or a short description of what it sent."""
-    try:
-        message = _error_decoder.decode(body).error
-    except msgspec.DecodeError:
-        message = ""
-    if not message:
-        text = body[:200].decode("utf-8", "replace").strip()
-        message = text or "empty body"
-    return f"{message} (upstream status {status})"
 
 
 class RawResponse:
@@ -113,25 +93,6 @@ class RawResponse:
     async def aclose(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]
         await self._response.aclose()
-
-
-def map_error(exc: httpx.HTTPError, target: str) -> UpstreamError:
-    """Translate one httpx error into the gateway's tree (the only place that knows httpx)."""
-    if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamUnavailable(f"{target} did not accept a connection in time")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamUnavailable(f"{target} is unreachable: {_reason(exc)}")
-    if isinstance(exc, httpx.PoolTimeout):
-        return UpstreamUnavailable(f"no free connection to {target}")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{target} sent nothing for too long ({type(exc).__name__})")
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-        return UpstreamProtocol(f"{target} dropped the connection: {_reason(exc)}")
-    return UpstreamProtocol(f"{target}: {type(exc).__name__}: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 class TargetClient:
@@ -205,7 +166,7 @@ class TargetClient:
         except msgspec.DecodeError as exc:
             raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
 
-    async def _stream(self, path: str, payload: Any, kind: type[T]) -> AsyncIterator[T]:
+    async def _stream(self, path: str, payload: Any, kind: type[T]) -> AsyncGenerator[T, None]:
         async with self.raw("POST", path, _encode(payload)) as response:
             if response.status >= 400:
                 data = await response.read()
@@ -237,7 +198,7 @@ class TargetClient:
     async def chat(self, request: Mapping[str, Any]) -> ChatChunk:
         return await self._call("POST", "/api/chat", {**request, "stream": False}, ChatChunk)
 
-    def chat_stream(self, request: Mapping[str, Any]) -> AsyncIterator[ChatChunk]:
+    def chat_stream(self, request: Mapping[str, Any]) -> AsyncGenerator[ChatChunk, None]:
         return self._stream("/api/chat", {**request, "stream": True}, ChatChunk)
 
     async def generate(self, request: Mapping[str, Any]) -> GenerateChunk:
@@ -245,7 +206,7 @@ class TargetClient:
             "POST", "/api/generate", {**request, "stream": False}, GenerateChunk
         )
 
-    def generate_stream(self, request: Mapping[str, Any]) -> AsyncIterator[GenerateChunk]:
+    def generate_stream(self, request: Mapping[str, Any]) -> AsyncGenerator[GenerateChunk, None]:
         return self._stream("/api/generate", {**request, "stream": True}, GenerateChunk)
 
     async def embed(
@@ -274,6 +235,3 @@ class TargetClient:
 
     async def version(self) -> VersionResponse:
         return await self._call("GET", "/api/version", None, VersionResponse)
-
-
-__all__ = ["GatewayError", "RawResponse", "TargetClient", "make_http_client", "map_error"]

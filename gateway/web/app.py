@@ -11,9 +11,10 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.errors import GatewayError, error_body
 from gateway.services import Services
-from gateway.web import health
+from gateway.web import health, router_api
 from gateway.web.asgi import Receive, Scope, Send
 from gateway.web.ollama_api import OllamaProxy
+from gateway.web.openai_api import OpenAIFrontDoor
 
 log = logging.getLogger("gateway.web")
 
@@ -55,22 +56,30 @@ def create_quart_app(services: Services) -> Quart:
         )
 
     health.register(app, services)
+    router_api.register(app, services)
     return app
 
 
 class GatewayApp:
-    """Dispatches each request: Ollama's routes to the raw proxy, the rest to Quart."""
+    """Dispatches each request: Ollama's routes and the OpenAI front door to raw ASGI
+    endpoints (ADR 0005), everything else to Quart."""
 
     def __init__(self, services: Services) -> None:
         # Typed loosely on purpose: Quart's signature wants hypercorn's TypedDict scopes.
         self.quart: Any = create_quart_app(services)
         self.proxy = OllamaProxy(services)
+        self.front_door = OpenAIFrontDoor(services)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.proxy.handles(scope["path"]):
-            await self.proxy(scope, receive, send)
-        else:
-            await self.quart(scope, receive, send)
+        if scope["type"] == "http":
+            path = scope["path"]
+            if self.proxy.handles(path):
+                await self.proxy(scope, receive, send)
+                return
+            if path == OpenAIFrontDoor.path:
+                await self.front_door(scope, receive, send)
+                return
+        await self.quart(scope, receive, send)
 
 
 def create_app(services: Services) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, error_body
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, error_body, error_line
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,10 +67,50 @@ async def send_response(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
-    """An error in Ollama's shape, with the status and headers the error tree chose."""
-    extra = [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send_response(send, error.status, error_body(error.message), headers=extra)
+def ndjson_error_tail(error: GatewayError, mid_line: bool) -> bytes:
+    """How Ollama ends a stream that failed after it started: one `{"error": ...}` line."""
+    return (b"\n" if mid_line else b"") + error_line(error.message)
+
+
+class Responder:
+    """Sends one answer, and knows whether it has started, so a failure becomes a status
+    before the first byte and an in-band error (shaped by `stream_tail`) after it."""
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        error_body: Callable[[GatewayError], bytes] = lambda e: error_body(e.message),
+        stream_tail: Callable[[GatewayError, bool], bytes] = ndjson_error_tail,
+    ) -> None:
+        self._send = send
+        self._error_body = error_body
+        self._stream_tail = stream_tail
+        self.started = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        self.started = True
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def chunk(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def full(
+        self, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+    ) -> None:
+        self.started = True
+        await send_response(self._send, status, body, headers=headers)
+
+    async def fail(self, error: GatewayError, *, mid_line: bool = False) -> None:
+        if not self.started:
+            extra = [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+            await self.full(error.status, self._error_body(error), extra)
+            return
+        # After the first byte the status is gone: end the stream with an in-band error.
+        await self.end(self._stream_tail(error, mid_line))
 
 
 async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> None:

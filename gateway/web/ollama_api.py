@@ -23,7 +23,6 @@ from gateway.errors import (
     MethodNotAllowed,
     ShuttingDown,
     UpstreamError,
-    error_line,
 )
 from gateway.services import Services
 from gateway.target.client import RawResponse
@@ -33,12 +32,11 @@ from gateway.web.asgi import (
     ClientGone,
     Headers,
     Receive,
+    Responder,
     Scope,
     Send,
     header,
     read_body,
-    send_error,
-    send_response,
     until_disconnect,
 )
 
@@ -118,35 +116,6 @@ def parse_routing(body: bytes) -> Routing:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-class _Responder:
-    """Sends one answer, and knows whether it has started (to end it with an error line)."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-
-    async def start(self, status: int, headers: Headers) -> None:
-        self.started = True
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def chunk(self, data: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
-
-    async def end(self, data: bytes = b"") -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": False})
-
-    async def full(self, status: int, body: bytes, headers: Headers) -> None:
-        self.started = True
-        await send_response(self._send, status, body, headers=headers)
-
-    async def fail(self, error: GatewayError, *, mid_line: bool = False) -> None:
-        if not self.started:
-            await send_error(self._send, error)
-            return
-        # After the first byte the status is gone: end the stream as Ollama does.
-        await self.end((b"\n" if mid_line else b"") + error_line(error.message))
-
-
 def _forwarded_headers(upstream: RawResponse) -> Headers:
     return [(name, value) for name, value in upstream.headers.raw if name.lower() not in _DROPPED]
 
@@ -163,7 +132,7 @@ class OllamaProxy:
         return route_for(path) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        responder = _Responder(send)
+        responder = Responder(send)
         try:
             await self._handle(scope, receive, responder)
         except ClientGone:
@@ -171,7 +140,7 @@ class OllamaProxy:
         except GatewayError as exc:
             await responder.fail(exc)
 
-    async def _handle(self, scope: Scope, receive: Receive, responder: _Responder) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, responder: Responder) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         route = route_for(path)
@@ -193,9 +162,7 @@ class OllamaProxy:
                     raise BadRequest("model is required")
                 await self._s.inventory.require_model(routing.model_name)
                 self._s.gate.check_admission()
-                await self._run(
-                    receive, responder, forward.gated(routing.model_name), committed=False
-                )
+                await self._run(receive, responder, forward.gated(routing.model_name))
             case Kind.EMBED:
                 routing = parse_routing(body)
                 if not routing.model_name:
@@ -220,14 +187,11 @@ class OllamaProxy:
     async def _run(
         self,
         receive: Receive,
-        responder: _Responder,
+        responder: Responder,
         work: Callable[[], Awaitable[None]],
-        *,
-        committed: bool = True,
     ) -> None:
         """Run upstream work under the drain and the disconnect watch; answer its errors."""
         with self._s.drain.track() as activity:
-            activity.committed = committed
 
             async def guarded() -> None:
                 failure: GatewayError | None = None
@@ -254,7 +218,7 @@ class _Forward:
         path: str,
         body: bytes | None,
         content_type: str,
-        responder: _Responder,
+        responder: Responder,
     ) -> None:
         self._s = services
         self._method = method

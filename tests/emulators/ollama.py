@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
-from .http import EmulatorBase, Exchange
+from .http import Exchange
+from .ollama_models import NDJSON, OllamaModelStore
 from .wire import (
-    DEFAULT_KEEP_ALIVE_S,
-    FOREVER_S,
     OllamaModel,
     canonical,
     decode_go_json,
@@ -25,16 +24,11 @@ from .wire import (
     split_tokens,
 )
 
-JSON_UTF8 = "application/json; charset=utf-8"
-NDJSON = "application/x-ndjson"
-
 Handler = Callable[[Exchange], Awaitable[None]]
 
 
-class OllamaEmulator(EmulatorBase):
-    """See tests/emulators/README.md."""
-
-    error_content_type = JSON_UTF8
+class OllamaEmulator(OllamaModelStore):
+    """Generation, embeddings and routing; see tests/emulators/README.md."""
 
     def __init__(
         self,
@@ -47,40 +41,17 @@ class OllamaEmulator(EmulatorBase):
         required_token: str | None = None,
         version: str = "0.12.6",
     ) -> None:
-        super().__init__()
-        self.catalog: dict[str, OllamaModel] = {}
-        for name in models:
-            self.add_model(name)
+        super().__init__(models)
         self.token_delay_s = token_delay_s
         self.load_delay_s = load_delay_s
         self.embed_delay_s = embed_delay_s
         self.reply = reply
         self.required_token = required_token
         self.version = version
-        self.loaded: dict[str, object] = {}  # canonical name -> keep_alive as last sent
-        self.keep_alive_seen: dict[str, object] = {}
-        self.blobs: set[str] = set()
         self.embed_hold: trio.Event | None = None
         self.active_embeds = 0
         self.max_concurrent_embeds = 0
         self._loading: dict[str, trio.Event] = {}
-        self._used_at: dict[str, datetime] = {}
-        self._num_ctx: dict[str, int] = {}
-
-    # --------------------------------------------------------------- public
-
-    @property
-    def models(self) -> list[str]:
-        return list(self.catalog)
-
-    def add_model(self, name: str) -> None:
-        model = OllamaModel.describe(name)
-        self.catalog[model.name] = model
-
-    def evict(self, name: str) -> None:
-        """Unload a model, as if its keep_alive expired."""
-        self.loaded.pop(canonical(name), None)
-        self.changed()
 
     def is_generation_path(self, path: str) -> bool:
         return path in ("/api/chat", "/api/generate")
@@ -130,12 +101,6 @@ class OllamaEmulator(EmulatorBase):
         else:
             await methods[method](exchange)
 
-    async def _json(self, exchange: Exchange, status: int, obj: object) -> None:
-        await exchange.respond(status, dump(obj), content_type=JSON_UTF8)
-
-    async def _error(self, exchange: Exchange, status: int, message: str) -> None:
-        await self._json(exchange, status, {"error": message})
-
     # ---------------------------------------------------------- simple routes
 
     async def _root(self, exchange: Exchange) -> None:
@@ -144,75 +109,6 @@ class OllamaEmulator(EmulatorBase):
 
     async def _version(self, exchange: Exchange) -> None:
         await self._json(exchange, 200, {"version": self.version})
-
-    async def _tags(self, exchange: Exchange) -> None:
-        await self._json(exchange, 200, {"models": [m.listing() for m in self.catalog.values()]})
-
-    async def _ps(self, exchange: Exchange) -> None:
-        entries: list[tuple[datetime, dict[str, Any]]] = []
-        for name, keep_alive in self.loaded.items():
-            model = self.catalog.get(name) or OllamaModel.describe(name)
-            try:
-                seconds = parse_keep_alive(keep_alive)
-            except ValueError:
-                seconds = None
-            seconds = DEFAULT_KEEP_ALIVE_S if seconds is None else min(seconds, FOREVER_S)
-            expires = self._used_at.get(name, datetime.now(UTC)) + timedelta(seconds=seconds)
-            entry = {
-                "name": model.name,
-                "model": model.name,
-                "size": model.size,
-                "digest": model.digest,
-                "details": model.details(),
-                "expires_at": go_time(expires),
-                "size_vram": model.size,
-                "context_length": self._num_ctx.get(name, 4096),
-            }
-            entries.append((expires, entry))
-        entries.sort(key=lambda item: item[0], reverse=True)
-        await self._json(exchange, 200, {"models": [entry for _, entry in entries]})
-
-    async def _show(self, exchange: Exchange) -> None:
-        req, err = decode_go_json(exchange.request.body, "ShowRequest")
-        if err is not None:
-            await self._error(exchange, 400, err)
-            return
-        name = req.get("model") or req.get("name")
-        if not isinstance(name, str) or not name:
-            await self._error(exchange, 400, "model is required")
-            return
-        model = self.catalog.get(canonical(name))
-        if model is None:
-            await self._error(exchange, 404, f"model '{name}' not found")
-            return
-        template = "{{ .Prompt }}"
-        modelfile = (
-            '# Modelfile generated by "ollama show"\n'
-            "# To build a new Modelfile based on this, replace FROM with:\n"
-            f"# FROM {model.name}\n\n"
-            f"FROM /root/.ollama/models/blobs/sha256-{model.digest}\n"
-            f'TEMPLATE """{template}"""\n'
-            'PARAMETER stop "<|eot_id|>"\n'
-        )
-        family = model.family
-        await self._json(
-            exchange,
-            200,
-            {
-                "modelfile": modelfile,
-                "parameters": 'stop                           "<|eot_id|>"',
-                "template": template,
-                "details": model.details(),
-                "model_info": {
-                    "general.architecture": family,
-                    "general.parameter_count": model.size * 2,
-                    f"{family}.context_length": 8192,
-                    f"{family}.embedding_length": 768 if model.embedding else 4096,
-                },
-                "capabilities": ["embedding"] if model.embedding else ["completion", "tools"],
-                "modified_at": model.modified_at,
-            },
-        )
 
     # ------------------------------------------------------------ generation
 
@@ -275,10 +171,12 @@ class OllamaEmulator(EmulatorBase):
             await self._error(exchange, 400, str(exc))
             return
         self.keep_alive_seen[model.name] = req.get("keep_alive")
-        options = req.get("options") if isinstance(req.get("options"), dict) else {}
-        assert isinstance(options, dict)
+        options = req.get("options") or {}
+        if not isinstance(options, dict):
+            await self._error(exchange, 400, "json: cannot unmarshal options")
+            return
         messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
-        prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
+        prompt: str = req.get("prompt") or ""
         head: dict[str, Any] = {"model": name, "created_at": go_time()}
         if (chat and not messages) or (not chat and not prompt):
             # an empty request loads (or with keep_alive 0, unloads) the model
@@ -481,7 +379,7 @@ class OllamaEmulator(EmulatorBase):
         if common is None:
             return
         req, model, keep_alive = common
-        prompt = req.get("prompt") if isinstance(req.get("prompt"), str) else ""
+        prompt: str = req.get("prompt") or ""
         async with self._embedding(model, keep_alive) as done:
             await self._load(model, req.get("keep_alive"), {})
             if self.embed_delay_s > 0:
@@ -490,105 +388,3 @@ class OllamaEmulator(EmulatorBase):
             vector = embedding_vector(prompt, normalize=False) if prompt else []
             done()
             await self._json(exchange, 200, {"embedding": vector})
-
-    # ------------------------------------------------------ model management
-
-    async def _progress(
-        self, exchange: Exchange, req: dict[str, Any], statuses: list[dict[str, Any]]
-    ) -> None:
-        if req.get("stream") is False:
-            await exchange.respond(200, dump(statuses[-1]), content_type="application/json")
-            return
-        await exchange.start_stream(
-            200, content_type=NDJSON, faulty=self.fault_applies(exchange.path)
-        )
-        for status in statuses:
-            await exchange.write_chunk(dump(status) + b"\n")
-        await exchange.end_stream()
-
-    async def _model_op(
-        self, exchange: Exchange, type_name: str
-    ) -> tuple[dict[str, Any], str] | None:
-        req, err = decode_go_json(exchange.request.body, type_name)
-        name = req.get("model") or req.get("name")
-        if err is None and (not isinstance(name, str) or not name):
-            err = "model is required"
-        if err is not None:
-            await self._error(exchange, 400, err)
-            return None
-        assert isinstance(name, str)
-        return req, name
-
-    async def _pull(self, exchange: Exchange) -> None:
-        op = await self._model_op(exchange, "PullRequest")
-        if op is None:
-            return
-        req, name = op
-        model = OllamaModel.describe(name)
-        layer = {"digest": f"sha256:{model.digest}", "total": model.size, "completed": model.size}
-        statuses = [
-            {"status": "pulling manifest"},
-            {"status": f"pulling {model.digest[:12]}", **layer},
-            {"status": "verifying sha256 digest"},
-            {"status": "writing manifest"},
-            {"status": "success"},
-        ]
-        self.add_model(name)
-        await self._progress(exchange, req, statuses)
-
-    async def _push(self, exchange: Exchange) -> None:
-        op = await self._model_op(exchange, "PushRequest")
-        if op is not None:
-            statuses = [
-                {"status": "retrieving manifest"},
-                {"status": "pushing manifest"},
-                {"status": "success"},
-            ]
-            await self._progress(exchange, op[0], statuses)
-
-    async def _create(self, exchange: Exchange) -> None:
-        op = await self._model_op(exchange, "CreateRequest")
-        if op is not None:
-            self.add_model(op[1])
-            statuses = [
-                {"status": "gathering model components"},
-                {"status": "writing manifest"},
-                {"status": "success"},
-            ]
-            await self._progress(exchange, op[0], statuses)
-
-    async def _copy(self, exchange: Exchange) -> None:
-        req, err = decode_go_json(exchange.request.body, "CopyRequest")
-        source, destination = str(req.get("source") or ""), str(req.get("destination") or "")
-        if err is None and not destination:
-            err = f'destination "{destination}" is invalid'
-        if err is not None:
-            await self._error(exchange, 400, err)
-        elif canonical(source) not in self.catalog:
-            await self._error(exchange, 404, f"model {json.dumps(source)} not found")
-        else:
-            self.add_model(destination)
-            await exchange.respond(200)
-
-    async def _delete(self, exchange: Exchange) -> None:
-        op = await self._model_op(exchange, "DeleteRequest")
-        if op is None:
-            return
-        name = op[1]
-        if self.catalog.pop(canonical(name), None) is None:
-            await self._error(exchange, 404, f"model '{name}' not found")
-            return
-        self.loaded.pop(canonical(name), None)
-        self.changed()
-        await exchange.respond(200)
-
-    async def _head_blob(self, exchange: Exchange) -> None:
-        digest = exchange.path.removeprefix("/api/blobs/")
-        if digest in self.blobs:
-            await exchange.respond(200)
-        else:
-            await self._error(exchange, 404, f"blob {json.dumps(digest)} not found")
-
-    async def _create_blob(self, exchange: Exchange) -> None:
-        self.blobs.add(exchange.path.removeprefix("/api/blobs/"))
-        await exchange.respond(201)

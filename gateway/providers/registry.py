@@ -1,0 +1,122 @@
+"""Which provider answers a model name, and under which upstream name.
+
+| name                      | provider      | upstream model        |
+|---------------------------|---------------|-----------------------|
+| `ollama/<m>`              | local Ollama  | `<m>`                 |
+| `ollama_cloud/<m>`        | Ollama Cloud  | `<m>`                 |
+| `<m>:cloud`               | Ollama Cloud  | `<m>:cloud` unchanged |
+| `openrouter/<vendor>/<m>` | OpenRouter    | `<vendor>/<m>`        |
+| `opencode/<m>`            | OpenCode      | `<m>`                 |
+| `kimi/<m>`                | Kimi          | `<m>`                 |
+| anything else             | local Ollama  | unchanged             |
+
+An explicit prefix wins over the `:cloud` suffix (`ollama/x:cloud` asks the local host,
+which may itself proxy cloud models). Prefixes and the suffix match in any letter case;
+the model part is passed on as written. A provider without a key is not registered:
+its names get 404 naming the missing variable, never a fall-through to another provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.config import Config, provider_names
+from gateway.errors import BadRequest, ProviderNotRegistered
+from gateway.providers.base import Provider
+from gateway.providers.http import ProviderHTTP
+from gateway.providers.keys import resolve_key
+from gateway.providers.local import LocalOllama
+from gateway.providers.ollama_cloud import OllamaCloud
+from gateway.providers.openai_compat import OpenAICompatible
+
+LOCAL = "ollama"
+ORDER = (LOCAL, *provider_names())
+_PREFIXES = {f"{name}/": name for name in ORDER}
+_CLOUD_SUFFIX = ":cloud"
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    provider: str
+    model: str
+
+
+def resolve(name: str) -> Resolved:
+    """Map a client's model name to (provider name, upstream model name)."""
+    if not name.strip():
+        raise BadRequest("model is required")
+    lowered = name.lower()
+    for prefix, provider in _PREFIXES.items():
+        if lowered.startswith(prefix):
+            model = name[len(prefix) :]
+            if not model.strip():
+                raise BadRequest(f"model name missing after {prefix!r}")
+            if provider == "openrouter" and "/" not in model.strip("/"):
+                raise BadRequest(
+                    f"OpenRouter models are named openrouter/<vendor>/<model>, got {name!r}"
+                )
+            return Resolved(provider, model)
+    if lowered.endswith(_CLOUD_SUFFIX) and len(name) > len(_CLOUD_SUFFIX):
+        return Resolved("ollama_cloud", name)
+    return Resolved(LOCAL, name)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderInfo:
+    name: str
+    base_url: str
+    available: bool
+
+
+class Registry:
+    def __init__(self, providers: Mapping[str, Provider], missing: Mapping[str, str]) -> None:
+        self._providers = dict(providers)
+        self._missing = dict(missing)  # provider -> why it is not registered (no secret)
+
+    def route(self, name: str) -> tuple[Provider, str]:
+        resolved = resolve(name)
+        provider = self._providers.get(resolved.provider)
+        if provider is None:
+            reason = self._missing.get(resolved.provider, "it is not configured")
+            raise ProviderNotRegistered(
+                f"provider {resolved.provider!r} for model {name!r} is not registered: {reason}"
+            )
+        return provider, resolved.model
+
+    def get(self, name: str) -> Provider | None:
+        return self._providers.get(name)
+
+    def listing(self) -> list[ProviderInfo]:
+        return [
+            ProviderInfo(name, self._providers[name].base_url, True)
+            for name in ORDER
+            if name in self._providers
+        ]
+
+
+def build_registry(
+    config: Config, environ: Mapping[str, str], http: httpx.AsyncClient, local: LocalOllama
+) -> Registry:
+    """Register local Ollama always, and each cloud provider whose key is found."""
+    providers: dict[str, Provider] = {LOCAL: local}
+    missing: dict[str, str] = {}
+    for name in provider_names():
+        settings = getattr(config.providers, name)
+        key = resolve_key(settings.key_env, settings.env_file, environ)
+        if key.secret is None:
+            missing[name] = key.source
+            continue
+        channel = ProviderHTTP(
+            http,
+            name=name,
+            base_url=settings.base_url,
+            key=key.secret,
+            timeout_s=settings.timeout_s,
+        )
+        providers[name] = (
+            OllamaCloud(channel) if name == "ollama_cloud" else OpenAICompatible(channel)
+        )
+    return Registry(providers, missing)

@@ -1,0 +1,121 @@
+"""The router's own API (chatd's): `POST /v1/chat` and `GET /v1/chat/providers`, plus the
+OpenAI-shaped listings that need no streaming: `GET /v1/models`, `POST /v1/embeddings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import trio
+from quart import Quart, Response, request
+
+from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
+from gateway.providers.base import ChatRequest, ChatResult
+from gateway.services import Services
+
+_encode = msgspec.json.Encoder().encode
+_chat_request = msgspec.json.Decoder(ChatRequest)
+
+
+class _EmbeddingsRequest(msgspec.Struct):
+    model: str
+    input: str | list[str]
+    encoding_format: str = "float"
+
+
+_embeddings_request = msgspec.json.Decoder(_EmbeddingsRequest)
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """Decode a JSON body strictly; every failure is a 400 that says what is wrong."""
+    if not body.strip():
+        raise BadRequest("missing request body")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "missing required field `model`" in text:
+            raise BadRequest("model is required") from None
+        raise BadRequest(f"invalid request body: {text}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(_encode(value), status=status, content_type="application/json")
+
+
+async def run_chat(services: Services, chat: ChatRequest) -> ChatResult:
+    """Route one chat, under the drain, and time it."""
+    provider, model = services.registry.route(chat.model)
+    provider.admit()
+    started = trio.current_time()
+    with services.drain.track() as activity:
+        with activity.scope:
+            result = await provider.chat(chat, model)
+        if activity.ended_by_shutdown:
+            raise ShuttingDown("the gateway is shutting down; retry shortly")
+    result.latency_ms = round((trio.current_time() - started) * 1000)
+    return result
+
+
+def check_messages(chat: ChatRequest) -> None:
+    if not chat.messages:
+        raise BadRequest("messages must hold at least one message")
+
+
+def register(app: Quart, services: Services) -> None:
+    @app.post("/v1/chat")
+    async def chat() -> Response:
+        body: ChatRequest = decode_body(await request.get_data(False, False, False), _chat_request)
+        check_messages(body)
+        return json_response(await run_chat(services, body))
+
+    @app.get("/v1/chat/providers")
+    async def providers() -> Response:
+        return json_response({"providers": services.registry.listing()})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        data: list[dict[str, Any]] = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "ollama"}
+            for name in sorted(services.inventory.snapshot.installed)
+        ]
+        data += [
+            {"id": f"{info.name}/", "object": "model", "created": 0, "owned_by": info.name}
+            for info in services.registry.listing()
+            if info.name != "ollama"
+        ]
+        return json_response({"object": "list", "data": data})
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        body: _EmbeddingsRequest = decode_body(
+            await request.get_data(False, False, False), _embeddings_request
+        )
+        inventory = services.inventory
+        await inventory.require_model(body.model)
+        with services.drain.track() as activity, activity.scope:
+            try:
+                answer = await services.target.embed(body.model, body.input)
+            except UpstreamError as exc:
+                raise inventory.note_failure(exc) from exc
+        if activity.ended_by_shutdown:
+            raise ShuttingDown("the gateway is shutting down; retry shortly")
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": vector}
+                    for i, vector in enumerate(answer.embeddings)
+                ],
+                "model": body.model,
+                "usage": {
+                    "prompt_tokens": answer.prompt_eval_count,
+                    "total_tokens": answer.prompt_eval_count,
+                },
+            }
+        )
+
+
+__all__ = ["GatewayError", "register", "run_chat"]
