@@ -152,7 +152,8 @@ async def test_unknown_prefix_reaches_local_ollama_and_its_404_becomes_502(
         (b'{"model": 7, "messages": []}', "model"),
         (b'{"model": "", "messages": [{"role": "user", "content": "x"}]}', "model is required"),
         (
-            b'{"model": "llama3", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}',
+            b'{"model": "llama3", "messages": [{"role": "user", "content": "x"}],'
+            b' "max_tokens": "5"}',
             "max_tokens",
         ),
     ],
