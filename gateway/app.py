@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import trio
 
+from gateway.auth import Auth
 from gateway.config import Config
 from gateway.drain import Drain
 from gateway.gate import ChatGate
+from gateway.metrics import Metrics
 from gateway.providers.http import make_provider_client
 from gateway.providers.local import LocalOllama
 from gateway.providers.registry import build_registry
@@ -48,6 +50,7 @@ async def serve(
     """
     environ = os.environ if environ is None else environ
     token = environ.get(config.ollama.token_env) or None
+    auth = Auth.from_config(config.auth, environ)  # a bad token file stops us here
     async with (
         make_http_client(config.ollama) as http,
         make_provider_client() as provider_http,
@@ -78,6 +81,8 @@ async def serve(
             drain=Drain(on_drain=[gate.refuse_waiters]),
             warmer=warmer,
             registry=build_registry(config, environ, provider_http, local),
+            auth=auth,
+            metrics=Metrics(gate, inventory, warmer),
         )
         hyper = hypercorn_config(
             config.bind,
@@ -104,10 +109,12 @@ async def serve(
                 nursery.cancel_scope.cancel()
 
             binds: list[str] = await nursery.start(run_server)
+            # Degraded mode is said once, by the inventory, in its own words.
             log.info(
-                "gateway listening on %s, Ollama target %s%s",
+                "gateway listening on %s, Ollama target %s; providers: %s; auth: %s",
                 ", ".join(binds),
                 target.url,
-                " (degraded: target unreachable)" if inventory.degraded else "",
+                ", ".join(p.name for p in services.registry.listing()),
+                auth.describe(),
             )
             task_status.started(Started(binds[0], services))

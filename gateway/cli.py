@@ -13,7 +13,8 @@ from functools import partial
 import msgspec
 import trio
 
-from gateway import __version__
+from gateway import __version__, logs
+from gateway.auth import Auth
 from gateway.config import Config, ConfigError, load, provider_names, redact_url
 from gateway.providers.keys import resolve_key
 
@@ -57,20 +58,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check-config":
-        print(render_config(config, environ))
-        return 0
-    _setup_logging()
-    trio.run(partial(_serve_until_signal, config, environ))
+    try:
+        auth = Auth.from_config(config.auth, environ)
+        if args.command == "check-config":
+            print(render_config(config, environ))
+            print(f"# inbound auth: {auth.describe()}")
+            return 0
+        logs.setup(config.log_format)
+        trio.run(partial(_serve_until_signal, config, environ))
+    except ConfigError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return 1
     return 0
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 async def _serve_until_signal(config: Config, environ: Mapping[str, str]) -> None:

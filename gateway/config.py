@@ -13,7 +13,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -87,6 +87,17 @@ class ProvidersConfig(_Section, frozen=True):
     )
 
 
+class AuthConfig(_Section, frozen=True):
+    """Inbound bearer tokens, by reference: a file with one `name:token` a line, and/or an
+    environment variable holding `name:token,name:token`. None set: no auth."""
+
+    tokens_file: str = ""
+    tokens_env: str = "GATEWAY_TOKENS"
+    # When set, model-management routes need one of these instead.
+    admin_tokens_file: str = ""
+    admin_tokens_env: str = "GATEWAY_ADMIN_TOKENS"
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -95,9 +106,12 @@ class Config(_Section, frozen=True):
     keep_alive_timeout_s: Seconds = 5.0
     # On SIGINT/SIGTERM, running requests get this long to finish before they are ended.
     shutdown_grace_s: SecondsOrOff = 30.0
+    # "auto": JSON lines when stderr is not a terminal, readable text when it is.
+    log_format: Literal["auto", "json", "text"] = "auto"
     ollama: OllamaConfig = msgspec.field(default_factory=OllamaConfig)
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
     providers: ProvidersConfig = msgspec.field(default_factory=ProvidersConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
     def bind_host_port(self) -> tuple[str, int]:
         return parse_bind(self.bind)

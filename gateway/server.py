@@ -9,7 +9,8 @@ Lifespan, TCPServer, WorkerContext) for three reasons, each measured (STACK-NOTE
   disconnect and its request is cancelled, which frees the gate.
 - Under quart-trio the idle keep-alive timer was cancelled while being re-armed (the app's
   nursery is cancelled by the disconnect hypercorn sends during the final send), so idle
-  connections never closed. Re-arming is shielded here.
+  connections never closed; during shutdown the same cancellation interrupted the close
+  of a recycled connection. Re-arming and closing are shielded here.
 - Shutdown drains through `gateway.drain.Drain` before hypercorn's own graceful timeout,
   so running streams end with an error line, not a cut.
 """
@@ -60,7 +61,9 @@ class _GatewayTCPServer(TCPServer):
                     with trio.CancelScope(shield=True):
                         await self.stream.aclose()
                         await self.protocol.handle(Closed())
-        elif isinstance(event, Updated):
+        elif isinstance(event, Updated | Closed):
+            # Both run inside the app's last send, which the app's disconnect watcher may
+            # cancel: an unarmed idle timer or a half-done close leaves the socket open.
             with trio.CancelScope(shield=True):
                 await super().protocol_send(event)
         else:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.auth import Auth
 from gateway.config import Config
 from gateway.drain import Drain
 from gateway.gate import ChatGate
+from gateway.metrics import Metrics
 from gateway.providers.registry import Registry
 from gateway.target.client import TargetClient
 from gateway.target.inventory import Inventory
@@ -22,3 +24,5 @@ class Services:
     drain: Drain
     warmer: EmbedWarmer | None
     registry: Registry
+    auth: Auth
+    metrics: Metrics

@@ -345,3 +345,20 @@ async def test_local_chat_fails_fast_while_the_target_is_down(
     assert trio.current_time() - started < 1.0
     assert response.status_code == 503
     assert ollama.url.removeprefix("http://") in response.json()["error"]
+
+
+async def test_embeddings_in_base64_are_little_endian_float32(
+    gateway: RunningGateway, ollama: OllamaEmulator
+) -> None:
+    import base64
+    import struct
+
+    body = {"model": "nomic-embed-text", "input": ["a"]}
+    floats = (await gateway.client.post("/v1/embeddings", json=body)).json()["data"][0]["embedding"]
+    packed = (
+        await gateway.client.post("/v1/embeddings", json={**body, "encoding_format": "base64"})
+    ).json()
+    raw = base64.b64decode(packed["data"][0]["embedding"])
+    assert struct.unpack(f"<{len(floats)}f", raw) == pytest.approx(floats, rel=1e-6)
+    bad = await gateway.client.post("/v1/embeddings", json={**body, "encoding_format": "int8"})
+    assert bad.status_code == 400

@@ -71,18 +71,24 @@ class OpenAICompatible:
     def admit(self) -> None:
         return None
 
+    def check_completion(self, body: bytes) -> _Completion:
+        """A whole answer must decode and hold a choice: zero choices is the upstream's
+        failure, not something to hand a client that will read `choices[0]`."""
+        try:
+            completion = _completion.decode(body)
+        except msgspec.DecodeError as exc:
+            raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
+        if not completion.choices or completion.choices[0].message is None:
+            raise UpstreamProtocol(f"{self.name} answered with no choices")
+        return completion
+
     async def chat(self, request: ChatRequest, model: str) -> ChatResult:
         answer = await self._http.post(
             "/chat/completions", openai_body(request, model, stream=False)
         )
         if answer.status >= 400:
             raise self._http.status_error(answer)
-        try:
-            completion = _completion.decode(answer.body)
-        except msgspec.DecodeError as exc:
-            raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
-        if not completion.choices or completion.choices[0].message is None:
-            raise UpstreamProtocol(f"{self.name} answered with no choices")
+        completion = self.check_completion(answer.body)
         choice = completion.choices[0]
         usage = completion.usage or _Usage()
         return ChatResult(

@@ -13,6 +13,7 @@ from gateway.errors import GatewayError, error_body
 from gateway.services import Services
 from gateway.web import health, router_api
 from gateway.web.asgi import Receive, Scope, Send
+from gateway.web.middleware import Observed
 from gateway.web.ollama_api import OllamaProxy
 from gateway.web.openai_api import OpenAIFrontDoor
 
@@ -83,4 +84,4 @@ class GatewayApp:
 
 
 def create_app(services: Services) -> Any:
-    return GatewayApp(services)
+    return Observed(GatewayApp(services), services)

@@ -1,5 +1,5 @@
-"""`GET /health` (always 200, for people and dashboards) and `GET /ready` (503 while
-degraded or draining, for load balancers; also `/health?ready`)."""
+"""`GET /health` (always 200, for people and dashboards), `GET /ready` (503 while
+degraded or draining, for load balancers; also `/health?ready`), `GET /metrics`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import msgspec
 import trio
 from quart import Quart, Response, request
 
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.services import Services
 
 _encode = msgspec.json.Encoder().encode
@@ -68,6 +69,10 @@ def register(app: Quart, services: Services) -> None:
         if "ready" in request.args and not is_ready(services):
             status = 503
         return Response(_encode(snapshot(services)), status=status, content_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(services.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get("/ready")
     async def ready() -> Response:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
+import trio
 
 from gateway.errors import (
     BadRequest,
@@ -24,6 +25,7 @@ from gateway.errors import (
     ShuttingDown,
     UpstreamError,
 )
+from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 from gateway.target.client import RawResponse
 from gateway.target.ndjson import FrameWatch
@@ -153,13 +155,18 @@ class OllamaProxy:
             f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         )
         content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
-        forward = _Forward(self._s, method, upstream_path, body or None, content_type, responder)
+        record = record_of(scope)
+        record.provider = "ollama"
+        forward = _Forward(
+            self._s, method, upstream_path, body or None, content_type, responder, record
+        )
 
         match route.kind:
             case Kind.GENERATE:
                 routing = parse_routing(body)
                 if not routing.model_name:
                     raise BadRequest("model is required")
+                record.model = routing.model_name
                 await self._s.inventory.require_model(routing.model_name)
                 self._s.gate.check_admission()
                 await self._run(receive, responder, forward.gated(routing.model_name))
@@ -167,6 +174,7 @@ class OllamaProxy:
                 routing = parse_routing(body)
                 if not routing.model_name:
                     raise BadRequest("model is required")
+                record.model = routing.model_name
                 await self._s.inventory.require_model(routing.model_name)
                 await self._run(receive, responder, forward.plain)
             case Kind.SHOW:
@@ -219,8 +227,11 @@ class _Forward:
         body: bytes | None,
         content_type: str,
         responder: Responder,
+        record: RequestRecord,
     ) -> None:
         self._s = services
+        self._record = record
+        self._sent = 0.0
         self._method = method
         self._path = path
         self._body = body
@@ -229,17 +240,24 @@ class _Forward:
         self.frames = FrameWatch()
 
     async def plain(self) -> None:
+        record = self._record
+        sent = self._sent = trio.current_time()
         try:
             async with self._s.target.raw(
                 self._method, self._path, self._body, content_type=self._content_type
             ) as upstream:
+                record.upstream_headers_s = trio.current_time() - sent
                 await self._relay(upstream)
         except UpstreamError as exc:
             raise self._s.inventory.note_failure(exc) from exc
+        finally:
+            if record.upstream_s is None and record.upstream_headers_s is not None:
+                record.upstream_s = trio.current_time() - sent
 
     def gated(self, model: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            async with self._s.gate.hold(model):
+            async with self._s.gate.hold(model) as waited:
+                self._record.gate_wait_s = waited
                 await self.plain()
 
         return run
@@ -275,6 +293,9 @@ class _Forward:
             # A complete answer: read it whole, so a short read can still be a clean 502.
             # HEAD has no body but keeps the length a GET would have.
             data = await upstream.read()
+            self._record.upstream_s = trio.current_time() - self._sent
+            if self._record.model and upstream.status == 200:
+                self._record.note_final_frame(data)
             headers.append(
                 (b"content-length", str(len(data)).encode() if data else length.encode())
             )
@@ -289,6 +310,9 @@ class _Forward:
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
             self._s.inventory.note_failure(exc)
+            self._record.error = exc.message
             await self.responder.fail(exc, mid_line=frames.mid_line)
             return
+        if self._record.model:
+            self._record.note_final_frame(frames.last_line)
         await self.responder.end()

@@ -17,11 +17,13 @@ from contextlib import aclosing
 from typing import Any
 
 import msgspec
+import trio
 
 from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
 from gateway.providers.base import ChatRequest, Message, Provider
 from gateway.providers.openai_compat import OpenAICompatible
 from gateway.providers.sse import DONE, sse_event
+from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 from gateway.web.asgi import (
     JSON,
@@ -178,6 +180,8 @@ class OpenAIFrontDoor:
             body = await read_body(scope, receive, self._s.config.max_body_bytes)
             request = parse_request(body)
             provider, model = self._s.registry.route(request.model)
+            record = record_of(scope)
+            record.provider, record.model = provider.name, model
             provider.admit()
             with self._s.drain.track() as activity:
 
@@ -185,7 +189,7 @@ class OpenAIFrontDoor:
                     failure: GatewayError | None = None
                     try:
                         with activity.scope:
-                            await self._answer(responder, provider, model, request, body)
+                            await self._answer(responder, provider, model, request, body, record)
                     except GatewayError as exc:
                         failure = exc
                     if activity.ended_by_shutdown:
@@ -206,32 +210,53 @@ class OpenAIFrontDoor:
         model: str,
         request: CompletionRequest,
         body: bytes,
+        record: RequestRecord,
     ) -> None:
-        if isinstance(provider, OpenAICompatible):
-            await self._forward(responder, provider, model, request, body)
-        elif request.stream:
-            await self._stream(responder, provider, model, request)
-        else:
-            result = await provider.chat(request.as_chat(), model)
-            completion = {
-                "id": f"chatcmpl-{secrets.token_hex(12)}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": request.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.content},
-                        "finish_reason": result.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": _usage(result.input_tokens, result.output_tokens),
-            }
-            await responder.full(200, _encode(completion), [(b"content-type", JSON)])
+        sent = trio.current_time()
+        try:
+            if isinstance(provider, OpenAICompatible):
+                await self._forward(responder, provider, model, request, body)
+            elif request.stream:
+                await self._stream(responder, provider, model, request, record)
+            else:
+                await self._complete(responder, provider, model, request, record)
+        finally:
+            record.upstream_s = trio.current_time() - sent
+
+    async def _complete(
+        self,
+        responder: Responder,
+        provider: Provider,
+        model: str,
+        request: CompletionRequest,
+        record: RequestRecord,
+    ) -> None:
+        result = await provider.chat(request.as_chat(), model)
+        record.tokens_in, record.tokens_out = result.input_tokens, result.output_tokens
+        completion = {
+            "id": f"chatcmpl-{secrets.token_hex(12)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.content},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(result.input_tokens, result.output_tokens),
+        }
+        await responder.full(200, _encode(completion), [(b"content-type", JSON)])
 
     async def _stream(
-        self, responder: Responder, provider: Provider, model: str, request: CompletionRequest
+        self,
+        responder: Responder,
+        provider: Provider,
+        model: str,
+        request: CompletionRequest,
+        record: RequestRecord,
     ) -> None:
         chunks = _Chunks(request.model)
         include_usage = request.stream_options is not None and request.stream_options.include_usage
@@ -248,6 +273,7 @@ class OpenAIFrontDoor:
                 if delta.content:
                     await responder.chunk(chunks.event({"content": delta.content}))
                 if delta.finish_reason is not None:
+                    record.tokens_in, record.tokens_out = delta.input_tokens, delta.output_tokens
                     await responder.chunk(chunks.event({}, delta.finish_reason))
                     if include_usage:
                         usage = _usage(delta.input_tokens, delta.output_tokens)
@@ -269,6 +295,7 @@ class OpenAIFrontDoor:
                 whole = await answer.read()
                 if whole.status >= 400:
                     raise provider.http.status_error(whole)
+                provider.check_completion(whole.body)
                 content_type = whole.headers.get("content-type", "application/json")
                 await responder.full(200, whole.body, [(b"content-type", content_type.encode())])
                 return

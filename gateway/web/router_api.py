@@ -3,7 +3,9 @@ OpenAI-shaped listings that need no streaming: `GET /v1/models`, `POST /v1/embed
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import struct
+from typing import Any, Literal
 
 import msgspec
 import trio
@@ -11,6 +13,7 @@ from quart import Quart, Response, request
 
 from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
 from gateway.providers.base import ChatRequest, ChatResult
+from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 
 _encode = msgspec.json.Encoder().encode
@@ -20,7 +23,14 @@ _chat_request = msgspec.json.Decoder(ChatRequest)
 class _EmbeddingsRequest(msgspec.Struct):
     model: str
     input: str | list[str]
-    encoding_format: str = "float"
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+def _vector(vector: list[float], request: _EmbeddingsRequest) -> list[float] | str:
+    """OpenAI's `base64` format: little-endian float32s, base64-encoded."""
+    if request.encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
 
 
 _embeddings_request = msgspec.json.Decoder(_EmbeddingsRequest)
@@ -45,9 +55,10 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(_encode(value), status=status, content_type="application/json")
 
 
-async def run_chat(services: Services, chat: ChatRequest) -> ChatResult:
+async def run_chat(services: Services, chat: ChatRequest, record: RequestRecord) -> ChatResult:
     """Route one chat, under the drain, and time it."""
     provider, model = services.registry.route(chat.model)
+    record.provider, record.model = provider.name, model
     provider.admit()
     started = trio.current_time()
     with services.drain.track() as activity:
@@ -55,7 +66,10 @@ async def run_chat(services: Services, chat: ChatRequest) -> ChatResult:
             result = await provider.chat(chat, model)
         if activity.ended_by_shutdown:
             raise ShuttingDown("the gateway is shutting down; retry shortly")
-    result.latency_ms = round((trio.current_time() - started) * 1000)
+    elapsed = trio.current_time() - started
+    result.latency_ms = round(elapsed * 1000)
+    record.upstream_s = elapsed
+    record.tokens_in, record.tokens_out = result.input_tokens, result.output_tokens
     return result
 
 
@@ -69,7 +83,7 @@ def register(app: Quart, services: Services) -> None:
     async def chat() -> Response:
         body: ChatRequest = decode_body(await request.get_data(False, False, False), _chat_request)
         check_messages(body)
-        return json_response(await run_chat(services, body))
+        return json_response(await run_chat(services, body, record_of(request.scope)))
 
     @app.get("/v1/chat/providers")
     async def providers() -> Response:
@@ -94,6 +108,8 @@ def register(app: Quart, services: Services) -> None:
             await request.get_data(False, False, False), _embeddings_request
         )
         inventory = services.inventory
+        record = record_of(request.scope)
+        record.provider, record.model = "ollama", body.model
         await inventory.require_model(body.model)
         with services.drain.track() as activity, activity.scope:
             try:
@@ -102,11 +118,12 @@ def register(app: Quart, services: Services) -> None:
                 raise inventory.note_failure(exc) from exc
         if activity.ended_by_shutdown:
             raise ShuttingDown("the gateway is shutting down; retry shortly")
+        record.tokens_in = answer.prompt_eval_count
         return json_response(
             {
                 "object": "list",
                 "data": [
-                    {"object": "embedding", "index": i, "embedding": vector}
+                    {"object": "embedding", "index": i, "embedding": _vector(vector, body)}
                     for i, vector in enumerate(answer.embeddings)
                 ],
                 "model": body.model,

@@ -1,0 +1,156 @@
+"""Prometheus metrics, through prometheus-client (no hand-written exposition).
+
+Each gateway has its own `CollectorRegistry`, so several can run in one process (tests).
+Live figures (gate, inventory, warm-ups) are read at scrape time by a collector, never
+copied on the hot path. Labels are bounded: routes are the known ones or "other";
+models are those of the inventory or the first `MAX_MODELS` cloud names, then "other".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.gate import ChatGate
+from gateway.record import RequestRecord
+from gateway.target.inventory import Inventory
+from gateway.target.warmup import EmbedWarmer
+
+MAX_MODELS = 64
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Live(Collector):
+    def __init__(self, gate: ChatGate, inventory: Inventory, warmer: EmbedWarmer | None) -> None:
+        self._gate = gate
+        self._inventory = inventory
+        self._warmer = warmer
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gate = self._gate
+        yield GaugeMetricFamily(
+            "gateway_gate_capacity", "Generations allowed at once.", gate.capacity
+        )
+        yield GaugeMetricFamily("gateway_gate_busy", "Generations running now.", gate.busy)
+        yield GaugeMetricFamily(
+            "gateway_gate_queue_depth", "Requests waiting for the gate.", gate.queued
+        )
+        inventory = self._inventory
+        yield GaugeMetricFamily(
+            "gateway_inventory_degraded",
+            "1 while the Ollama target is unreachable.",
+            int(inventory.degraded),
+        )
+        age = inventory.age_s()
+        yield GaugeMetricFamily(
+            "gateway_inventory_age_seconds",
+            "Seconds since the last good inventory poll (-1: never).",
+            -1 if age is None else age,
+        )
+        yield GaugeMetricFamily(
+            "gateway_inventory_models",
+            "Models installed on the target.",
+            len(inventory.snapshot.installed),
+        )
+        yield CounterMetricFamily(
+            "gateway_inventory_poll_failures",
+            "Inventory polls that failed.",
+            inventory.poll_failures,
+        )
+        yield CounterMetricFamily(
+            "gateway_inventory_recoveries", "Recoveries from degraded mode.", inventory.recoveries
+        )
+        if self._warmer is not None:
+            yield CounterMetricFamily(
+                "gateway_embed_warmups", "Embedder loads with keep_alive -1.", self._warmer.warmups
+            )
+
+
+class Metrics:
+    def __init__(self, gate: ChatGate, inventory: Inventory, warmer: EmbedWarmer | None) -> None:
+        self.registry = CollectorRegistry()
+        self._inventory = inventory
+        self._cloud_models: set[str] = set()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered.",
+            ["route", "status", "provider", "client"],
+            registry=r,
+        )
+        self.gate_wait = Histogram(
+            "gateway_gate_wait_seconds",
+            "Time queued for the chat gate.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_first_byte = Histogram(
+            "gateway_upstream_first_byte_seconds",
+            "Upstream time to answer headers.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_total = Histogram(
+            "gateway_upstream_seconds",
+            "Upstream time to the end of the answer.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens in and out.", ["provider", "model", "direction"], registry=r
+        )
+        self.model_load = Histogram(
+            "gateway_model_load_seconds",
+            "Ollama load_duration of answers that loaded a model.",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.eval_rate = Histogram(
+            "gateway_tokens_per_second",
+            "Generation speed from Ollama's final frames.",
+            ["provider", "model"],
+            buckets=(1, 5, 10, 20, 40, 80, 160, 320),
+            registry=r,
+        )
+        r.register(_Live(gate, inventory, warmer))
+
+    def model_label(self, provider: str, model: str) -> str:
+        if not model:
+            return ""
+        if provider == "ollama":
+            return model if self._inventory.has_model(model) else "other"
+        if model in self._cloud_models:
+            return model
+        if len(self._cloud_models) < MAX_MODELS:
+            self._cloud_models.add(model)
+            return model
+        return "other"
+
+    def observe(self, record: RequestRecord) -> None:
+        provider = record.provider
+        self.requests.labels(record.route, str(record.status), provider, record.client_name).inc()
+        if record.gate_wait_s is not None:
+            self.gate_wait.observe(record.gate_wait_s)
+        if record.upstream_headers_s is not None:
+            self.upstream_first_byte.labels(provider).observe(record.upstream_headers_s)
+        if record.upstream_s is not None:
+            self.upstream_total.labels(provider).observe(record.upstream_s)
+        model = self.model_label(provider, record.model)
+        if record.tokens_in:
+            self.tokens.labels(provider, model, "in").inc(record.tokens_in)
+        if record.tokens_out:
+            self.tokens.labels(provider, model, "out").inc(record.tokens_out)
+        if record.load_s is not None:
+            self.model_load.labels(model).observe(record.load_s)
+        if record.eval_rate is not None:
+            self.eval_rate.labels(provider, model).observe(record.eval_rate)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""Around every HTTP request: request id, inbound auth, timing headers, one log line,
+and the request's metrics, all from its `RequestRecord`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import trio
+
+from gateway.errors import GatewayError
+from gateway.record import SCOPE_KEY, RequestRecord, new_request_id
+from gateway.services import Services
+from gateway.web.asgi import Message, Receive, Responder, Scope, Send, header
+from gateway.web.ollama_api import ROUTES, Kind, route_for
+from gateway.web.openai_api import OpenAIFrontDoor, openai_error, sse_error_tail
+
+access_log = logging.getLogger("gateway.access")
+
+KNOWN_ROUTES = frozenset(
+    {
+        *ROUTES,
+        OpenAIFrontDoor.path,
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v1/chat",
+        "/v1/chat/providers",
+        "/v1/models",
+        "/v1/embeddings",
+    }
+)
+QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+CLIENT_CLOSED = 499  # nginx's code for "the client left before the answer", for logs only
+
+
+def route_label(path: str) -> str:
+    if path in KNOWN_ROUTES:
+        return path
+    return "/api/blobs" if path.startswith("/api/blobs/") else "other"
+
+
+class Observed:
+    def __init__(self, inner: Any, services: Services) -> None:
+        self._inner = inner
+        self._s = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._inner(scope, receive, send)
+            return
+        path: str = scope["path"]
+        given = header(scope, b"x-request-id")
+        request_id = given.decode() if given and _REQUEST_ID.fullmatch(given) else new_request_id()
+        client = scope.get("client") or ("", 0)
+        record = RequestRecord(
+            request_id=request_id,
+            method=scope["method"],
+            route=route_label(path),
+            client=f"{client[0]}:{client[1]}",
+            started=trio.current_time(),
+        )
+        scope[SCOPE_KEY] = record
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                record.response_started = trio.current_time()
+                queue_ms = (record.gate_wait_s or 0.0) * 1000
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (b"x-request-id", request_id.encode()),
+                        (b"x-gateway-queue-ms", b"%.1f" % queue_ms),
+                        (b"x-gateway-overhead-ms", b"%.1f" % (record.overhead_s() * 1000)),
+                    ],
+                }
+            elif message["type"] == "http.response.body":
+                record.bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            try:
+                route = route_for(path)
+                admin = route is not None and route.kind is Kind.MANAGE
+                record.client_name = self._s.auth.check(
+                    path, header(scope, b"authorization"), admin=admin
+                )
+            except GatewayError as exc:
+                record.error = exc.message
+                if path == OpenAIFrontDoor.path:
+                    responder = Responder(
+                        observed_send, error_body=openai_error, stream_tail=sse_error_tail
+                    )
+                else:
+                    responder = Responder(observed_send)
+                await responder.fail(exc)
+                return
+            await self._inner(scope, receive, observed_send)
+        finally:
+            self._finish(record, path)
+
+    def _finish(self, record: RequestRecord, path: str) -> None:
+        if record.status == 0:
+            record.status = CLIENT_CLOSED
+        self._s.metrics.observe(record)
+        level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO
+        if access_log.isEnabledFor(level):
+            fields = record.log_fields(trio.current_time())
+            access_log.log(
+                level,
+                "%s %s %d",
+                record.method,
+                record.route,
+                record.status,
+                extra={"fields": fields},
+            )
