@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import trio  # noqa: E402
 
-from tests.emulators import OllamaEmulator  # noqa: E402
+from tests.emulators import OllamaEmulator, OpenAIEmulator  # noqa: E402
 
 DEADLINE_S = 30.0  # the whole run
 START_TIMEOUT_S = 15.0  # until the gateway answers /health
@@ -55,6 +55,7 @@ class Smoke:
     process: trio.Process
     client: httpx.AsyncClient
     emulator: OllamaEmulator
+    provider: OpenAIEmulator  # registered as openrouter
     stderr_path: Path
 
     def stderr_tail(self, lines: int = 5) -> str:
@@ -118,6 +119,70 @@ async def step_embed(smoke: Smoke) -> None:
     check(all(len(v) > 0 for v in embeddings), "an empty embedding")
 
 
+MESSAGES = [{"role": "user", "content": "why is the sky blue?"}]
+
+
+async def step_providers(smoke: Smoke) -> None:
+    response = await smoke.client.get("/v1/chat/providers")
+    check(response.status_code == 200, f"status {response.status_code}")
+    names = [p["name"] for p in response.json()["providers"]]
+    check(names == ["ollama", "openrouter"], f"providers {names}")
+
+
+async def step_router_local(smoke: Smoke) -> None:
+    response = await smoke.client.post("/v1/chat", json={"model": "llama3", "messages": MESSAGES})
+    check(response.status_code == 200, f"status {response.status_code}: {response.text}")
+    answer = response.json()
+    check(answer["provider"] == "ollama", f"provider {answer['provider']!r}")
+    check(answer["content"] == smoke.emulator.reply, f"content {answer['content']!r}")
+    check(answer["input_tokens"] > 0 and answer["output_tokens"] > 0, f"tokens {answer}")
+    check(isinstance(answer["latency_ms"], int), f"latency {answer.get('latency_ms')!r}")
+
+
+async def step_router_prefix(smoke: Smoke) -> None:
+    body = {"model": "ollama/llama3", "messages": MESSAGES}
+    response = await smoke.client.post("/v1/chat", json=body)
+    check(response.status_code == 200, f"status {response.status_code}")
+    sent = smoke.emulator.requests_to("/api/chat")[-1].json()["model"]
+    check(sent == "llama3", f"upstream saw model {sent!r}")
+
+
+async def step_router_cloud_unregistered(smoke: Smoke) -> None:
+    body = {"model": "kimi-k2:cloud", "messages": MESSAGES}
+    response = await smoke.client.post("/v1/chat", json=body)
+    check(response.status_code == 404, f"status {response.status_code}")
+    check("OLLAMA_CLOUD_KEY" in response.json()["error"], response.text)
+
+
+async def step_router_unknown_prefix(smoke: Smoke) -> None:
+    body = {"model": "unknown/x", "messages": MESSAGES}
+    response = await smoke.client.post("/v1/chat", json=body)
+    check(response.status_code == 502, f"status {response.status_code}")
+
+
+async def step_router_missing_model(smoke: Smoke) -> None:
+    response = await smoke.client.post("/v1/chat", json={"messages": MESSAGES})
+    check(response.status_code == 400, f"status {response.status_code}")
+    check(response.json()["error"] == "model is required", response.text)
+
+
+def _openai_stream(url: str, model: str) -> str:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="smoke", max_retries=0, timeout=5)
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+    return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+async def step_openai_sdk_stream(smoke: Smoke) -> None:
+    local = await trio.to_thread.run_sync(_openai_stream, smoke.url, "llama3")
+    check(local == smoke.emulator.reply, f"local stream {local!r}")
+    remote = await trio.to_thread.run_sync(
+        _openai_stream, smoke.url, "openrouter/openai/gpt-4o-mini"
+    )
+    check(remote == smoke.provider.reply, f"openrouter stream {remote!r}")
+
+
 async def step_sigterm(smoke: Smoke) -> None:
     await smoke.client.aclose()
     smoke.process.send_signal(signal.SIGTERM)
@@ -134,6 +199,13 @@ STEPS: list[tuple[str, Step]] = [
     ("streaming /api/chat ends with done:true", step_streaming_chat),
     ("unknown model -> 404", step_unknown_model),
     ("/api/embed", step_embed),
+    ("router: providers lists ollama and openrouter", step_providers),
+    ("router: bare model -> local, content, tokens, latency", step_router_local),
+    ("router: ollama/<m> prefix stripped at the upstream", step_router_prefix),
+    ("router: <m>:cloud unregistered -> 404", step_router_cloud_unregistered),
+    ("router: unknown/<m> -> local -> 502", step_router_unknown_prefix),
+    ("router: missing model -> 400", step_router_missing_model),
+    ("OpenAI SDK streaming: local and openrouter", step_openai_sdk_stream),
     ("SIGTERM -> exit 0", step_sigterm),
 ]
 
@@ -184,13 +256,23 @@ async def smoke(results: list[tuple[str, str | None]]) -> None:
     async with trio.open_nursery() as nursery:
         emulator = OllamaEmulator()
         await nursery.start(emulator.run)
+        provider = OpenAIEmulator(api_key="sk-smoke-openrouter")
+        await nursery.start(provider.run)
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        keys = ("OLLAMA_CLOUD_KEY", "OPENROUTER_API_KEY", "OPENCODE_API_KEY", "KIMI_API_KEY")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k not in keys
+        }
         env.update(
             GATEWAY_BIND=f"127.0.0.1:{port}",
             GATEWAY_OLLAMA_URL=emulator.url,
             GATEWAY_SHUTDOWN_GRACE_S=str(GRACE_S),
+            GATEWAY_PROVIDERS_OPENROUTER_BASE_URL=f"{provider.url}/api/v1",
+            OPENROUTER_API_KEY="sk-smoke-openrouter",
         )
+        # Only keys given here count: no key file of the machine running the smoke.
+        for name in ("OLLAMA_CLOUD", "OPENROUTER", "OPENCODE", "KIMI"):
+            env[f"GATEWAY_PROVIDERS_{name}_ENV_FILE"] = ""
         with tempfile.TemporaryDirectory(prefix="gateway-smoke-") as tmp:
             stderr_path = Path(tmp) / "gateway.log"
             with stderr_path.open("wb") as log:
@@ -205,7 +287,8 @@ async def smoke(results: list[tuple[str, str | None]]) -> None:
             url = f"http://127.0.0.1:{port}"
             client = httpx.AsyncClient(base_url=url, timeout=STEP_TIMEOUT_S, trust_env=False)
             try:
-                await run_steps(Smoke(url, process, client, emulator, stderr_path), results)
+                context = Smoke(url, process, client, emulator, provider, stderr_path)
+                await run_steps(context, results)
             finally:
                 await client.aclose()
                 if process.returncode is None:
