@@ -474,3 +474,25 @@ async def test_a_long_stream_is_not_cut(
     lines = response.content.splitlines()
     assert len(lines) == 76
     assert json.loads(lines[-1])["done"] is True
+
+
+async def test_large_json_answers_sent_chunked_pass_whole_and_unbounded(
+    gateway: RunningGateway, ollama: OllamaEmulator
+) -> None:
+    # Go's net/http chunks a large JSON answer (no newline, no length): the NDJSON line
+    # bound must not apply to it, and its bytes must arrive whole.
+    ollama.chunk_bodies_over = 1024
+    inputs = [f"text {n}" for n in range(30000)]
+    body = {"model": "nomic-embed-text", "input": inputs}
+    direct_bytes = None
+    async with httpx.AsyncClient(base_url=ollama.url) as direct:
+        direct_bytes = (await direct.post("/api/embed", json=body)).content
+    assert len(direct_bytes) > 4 * 1024 * 1024  # more than one NDJSON line may hold
+    with trio.fail_after(10):
+        response = await gateway.client.post("/api/embed", json=body)
+    assert response.status_code == 200
+    assert len(response.json()["embeddings"]) == 30000
+    assert response.json()["embeddings"] == json.loads(direct_bytes)["embeddings"]
+    answer = await gateway.client.post("/api/chat", json={**CHAT, "stream": False})
+    assert answer.status_code == 200
+    assert answer.json()["done"] is True

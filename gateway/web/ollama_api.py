@@ -97,6 +97,7 @@ _DROPPED = frozenset(
 )
 
 _routing = msgspec.json.Decoder(Routing)
+_KEEP_BYTES = 1024 * 1024
 
 
 def route_for(path: str) -> Route | None:
@@ -303,16 +304,28 @@ class _Forward:
             await self.responder.end(data)
             return
         await self.responder.start(upstream.status, headers)
+        # NDJSON is watched line by line (bound, last frame). Any other body sent without
+        # a length (Go chunks large JSON answers) passes as is; for telemetry, a
+        # generation's JSON answer is kept up to `_KEEP_BYTES`.
+        ndjson = upstream.headers.get("content-type", "").startswith("application/x-ndjson")
         frames = self.frames
+        kept: list[bytes] | None = [] if self._record.model and not ndjson else None
+        kept_bytes = 0
         try:
             async for chunk in upstream:
-                frames.feed(chunk)
+                if ndjson:
+                    frames.feed(chunk)
+                elif kept is not None and kept_bytes <= _KEEP_BYTES:
+                    kept.append(chunk)
+                    kept_bytes += len(chunk)
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
             self._s.inventory.note_failure(exc)
             self._record.error = exc.message
             await self.responder.fail(exc, mid_line=frames.mid_line)
             return
-        if self._record.model:
+        if ndjson and self._record.model:
             self._record.note_final_frame(frames.last_line)
+        elif kept and kept_bytes <= _KEEP_BYTES and upstream.status == 200:
+            self._record.note_final_frame(b"".join(kept))
         await self.responder.end()

@@ -144,7 +144,18 @@ class Exchange:
         content_type: str | None = None,
         headers: Iterable[Header] = (),
     ) -> None:
-        """A complete response with a Content-Length (HEAD: headers only, same length)."""
+        """A complete response with a Content-Length (HEAD: headers only, same length);
+        chunked without a length when larger than ``server.chunk_bodies_over``."""
+        limit = self.server.chunk_bodies_over
+        if limit is not None and len(body) > limit and self.method != "HEAD":
+            await self._send(self._head(status, content_type, headers))
+            for start in range(0, len(body), 65536):
+                await self._send(h11.Data(data=body[start : start + 65536]))
+            self.request.emitted.append((trio.current_time(), body))
+            await self._send(h11.EndOfMessage())
+            self.finished = True
+            self.server.changed()
+            return
         response = self._head(status, content_type, [*headers, ("content-length", str(len(body)))])
         await self._send(response)
         if body and self.method != "HEAD":
@@ -213,6 +224,8 @@ class EmulatorBase:
         self.generation_order: list[str] = []
         self.hold: trio.Event | None = None
         self.emitted: list[tuple[float, bytes]] = []
+        # Like Go's net/http: a whole body larger than this goes out chunked, no length.
+        self.chunk_bodies_over: int | None = None
         self._lot = trio.lowlevel.ParkingLot()
         self._listener: trio.socket.SocketType | None = None
         self._accept_scope: trio.CancelScope | None = None
