@@ -47,7 +47,8 @@ async def test_every_typed_call(ollama: OllamaEmulator, client_for: MakeClient) 
     assert sorted(m.name for m in tags.models) == sorted(ollama.models)
     chat = await client.chat(CHAT)
     assert chat.message.content == ollama.reply
-    assert chat.done and chat.done_reason == "stop"
+    assert chat.done
+    assert chat.done_reason == "stop"
     assert chat.eval_count == len(ollama.reply.split())
     generated = await client.generate({"model": "llama3", "prompt": "hi"})
     assert generated.response == ollama.reply
@@ -66,7 +67,8 @@ async def test_streaming_chat_and_generate(ollama: OllamaEmulator, client_for: M
     async with aclosing(client.chat_stream(CHAT)) as chunks:
         frames = [chunk async for chunk in chunks]
     assert "".join(f.message.content for f in frames) == ollama.reply
-    assert frames[-1].done and not any(f.done for f in frames[:-1])
+    assert frames[-1].done
+    assert not any(f.done for f in frames[:-1])
     async with aclosing(client.generate_stream({"model": "llama3", "prompt": "x"})) as chunks:
         pieces = [chunk async for chunk in chunks]
     assert "".join(p.response for p in pieces) == ollama.reply
