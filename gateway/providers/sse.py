@@ -10,11 +10,17 @@ class SseSplitter:
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buffer = b""
+        self._held_cr = b""
         self._data: list[bytes] = []
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
         events: list[bytes] = []
+        chunk = self._held_cr + chunk
+        # A `\r` at a chunk's end may be half of a `\r\n`: decide with the next chunk.
+        self._held_cr = b"\r" if chunk.endswith(b"\r") else b""
+        if self._held_cr:
+            chunk = chunk[:-1]
         self._buffer += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *lines, self._buffer = self._buffer.split(b"\n")
         if len(self._buffer) > self._max:
