@@ -74,7 +74,10 @@ class RawResponse:
     def __init__(self, response: httpx.Response, target: str) -> None:
         self._response = response
         self._target = target
-        self._chunks = response.aiter_raw()
+        # A body already read (httpx.MockTransport answers) is handed on as one chunk.
+        self._chunks = (
+            _one_chunk(response.content) if response.is_stream_consumed else response.aiter_raw()
+        )
         self.status = response.status_code
         self.headers = response.headers
 
@@ -93,6 +96,10 @@ class RawResponse:
     async def aclose(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]
         await self._response.aclose()
+
+
+async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
+    yield data
 
 
 class TargetClient:
