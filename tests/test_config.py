@@ -147,3 +147,23 @@ def test_rendered_config_is_valid_toml_that_loads_back(tmp_path: Path) -> None:
     path = write(tmp_path, render_config(config, {}))
     assert load(path, {}) == config
     assert isinstance(config, Config)
+
+
+def test_the_example_config_lists_every_key_at_its_default() -> None:
+    """deploy/gateway.toml documents the defaults: it must load to exactly them, and
+    name every key (so a new key cannot be left out of the operator's example)."""
+    import tomllib
+
+    example = Path(__file__).parent.parent / "deploy" / "gateway.toml"
+    assert load(example, {}) == load(None, {})
+    written = tomllib.loads(example.read_text())
+
+    def keys(table: dict[str, object], prefix: str = "") -> set[str]:
+        found: set[str] = set()
+        for key, value in table.items():
+            found |= keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+        return found
+
+    import msgspec
+
+    assert keys(written) == keys(msgspec.to_builtins(load(None, {})))
