@@ -18,6 +18,7 @@ from gateway.gate import ChatGate
 from gateway.record import RequestRecord
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
+from gateway.target.wire import canonical_model
 
 MAX_MODELS = 64
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -107,7 +108,7 @@ class Metrics:
         )
         self.model_load = Histogram(
             "gateway_model_load_seconds",
-            "Ollama load_duration of answers that loaded a model.",
+            "Ollama's load_duration per answer; seconds-long values are cold model loads.",
             ["model"],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
@@ -125,7 +126,7 @@ class Metrics:
         if not model:
             return ""
         if provider == "ollama":
-            return model if self._inventory.has_model(model) else "other"
+            return canonical_model(model) if self._inventory.has_model(model) else "other"
         if model in self._cloud_models:
             return model
         if len(self._cloud_models) < MAX_MODELS:

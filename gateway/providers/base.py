@@ -7,6 +7,8 @@ from typing import Protocol
 
 import msgspec
 
+from gateway.record import RequestRecord
+
 
 class Message(msgspec.Struct, frozen=True):
     role: str
@@ -44,16 +46,19 @@ class Delta(msgspec.Struct, kw_only=True):
 
 class Provider(Protocol):
     """A place that answers chats. `admit` runs before the response starts (fast
-    refusals: gate full, target down), `chat` answers whole, `stream` piece by piece."""
+    refusals: gate full, target down), `chat` answers whole, `stream` piece by piece.
+    Both note what they learn (gate wait, upstream timings) in the request's record."""
 
     name: str
     base_url: str
 
     def admit(self) -> None: ...
 
-    async def chat(self, request: ChatRequest, model: str) -> ChatResult: ...
+    async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult: ...
 
-    def stream(self, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]: ...
+    def stream(
+        self, request: ChatRequest, model: str, record: RequestRecord
+    ) -> AsyncGenerator[Delta, None]: ...
 
 
 def finish_reason(done_reason: str, done: bool) -> str:

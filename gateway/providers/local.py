@@ -14,6 +14,7 @@ from typing import Any
 from gateway.errors import UpstreamError
 from gateway.gate import ChatGate
 from gateway.providers.base import ChatRequest, ChatResult, Delta, finish_reason
+from gateway.record import RequestRecord
 from gateway.target.client import TargetClient
 from gateway.target.inventory import Inventory
 
@@ -49,9 +50,10 @@ class LocalOllama:
         self._inventory.require_reachable()
         self._gate.check_admission()
 
-    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+    async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult:
         self.admit()
-        async with self._gate.hold(model):
+        async with self._gate.hold(model) as waited:
+            record.gate_wait_s = waited
             try:
                 answer = await self._target.chat(ollama_chat_body(request, model))
             except UpstreamError as exc:
@@ -65,9 +67,12 @@ class LocalOllama:
             finish_reason=finish_reason(answer.done_reason, answer.done),
         )
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
+    async def stream(
+        self, request: ChatRequest, model: str, record: RequestRecord
+    ) -> AsyncGenerator[Delta, None]:
         self.admit()
-        async with self._gate.hold(model):
+        async with self._gate.hold(model) as waited:
+            record.gate_wait_s = waited
             try:
                 async with aclosing(
                     self._target.chat_stream(ollama_chat_body(request, model))

@@ -17,6 +17,7 @@ import msgspec
 from gateway.errors import UpstreamProtocol
 from gateway.providers.base import ChatRequest, ChatResult, Delta, Message, finish_reason
 from gateway.providers.http import ProviderHTTP
+from gateway.record import RequestRecord
 from gateway.target.ndjson import NdjsonSplitter
 from gateway.target.wire import GenerateChunk
 
@@ -88,14 +89,16 @@ class OllamaCloud:
             finish_reason=finish_reason(chunk.done_reason, chunk.done),
         )
 
-    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+    async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult:
         answer = await self._http.post("/api/generate", generate_body(request, model, stream=False))
         if answer.status >= 400:
             raise self._http.status_error(answer)
         chunk = self._decode(answer.body)
         return self._result(chunk, model, chunk.response)
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
+    async def stream(
+        self, request: ChatRequest, model: str, record: RequestRecord
+    ) -> AsyncGenerator[Delta, None]:
         body = _encode(generate_body(request, model, stream=True))
         async with self._http.stream("/api/generate", body) as answer:
             if answer.status >= 400:

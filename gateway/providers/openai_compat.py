@@ -17,6 +17,7 @@ from gateway.errors import UpstreamProtocol
 from gateway.providers.base import ChatRequest, ChatResult, Delta
 from gateway.providers.http import ProviderHTTP, StreamAnswer
 from gateway.providers.sse import SseSplitter
+from gateway.record import RequestRecord
 
 
 class _Message(msgspec.Struct):
@@ -82,7 +83,7 @@ class OpenAICompatible:
             raise UpstreamProtocol(f"{self.name} answered with no choices")
         return completion
 
-    async def chat(self, request: ChatRequest, model: str) -> ChatResult:
+    async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult:
         answer = await self._http.post(
             "/chat/completions", openai_body(request, model, stream=False)
         )
@@ -100,7 +101,9 @@ class OpenAICompatible:
             finish_reason=choice.finish_reason or "stop",
         )
 
-    async def stream(self, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
+    async def stream(
+        self, request: ChatRequest, model: str, record: RequestRecord
+    ) -> AsyncGenerator[Delta, None]:
         body = _encode(openai_body(request, model, stream=True))
         async with self._http.stream("/chat/completions", body) as answer:
             if answer.status >= 400:
@@ -138,6 +141,31 @@ class OpenAICompatible:
     ) -> AbstractAsyncContextManager[StreamAnswer]:
         """Send a client's OpenAI body on, with the provider's model name, answer unread."""
         return self._http.stream("/chat/completions", _encode({**body, "model": model}))
+
+
+class UsageWatch:
+    """Reads `usage` from an SSE stream that is forwarded untouched: only events that
+    mention it are decoded, so passing content through costs a substring search."""
+
+    def __init__(self) -> None:
+        self._splitter = SseSplitter()
+        self.tokens_in = 0
+        self.tokens_out = 0
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            events = self._splitter.feed(chunk)
+        except ValueError:
+            return  # telemetry only: an odd stream is the client's to judge
+        for data in events:
+            if b'"usage"' not in data:
+                continue
+            try:
+                usage = _completion.decode(data).usage
+            except msgspec.DecodeError:
+                continue
+            if usage is not None:
+                self.tokens_in, self.tokens_out = usage.prompt_tokens, usage.completion_tokens
 
 
 async def _events(answer: StreamAnswer, splitter: SseSplitter) -> AsyncGenerator[bytes, None]:

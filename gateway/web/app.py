@@ -10,6 +10,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from gateway.errors import GatewayError, error_body
+from gateway.record import record_of
 from gateway.services import Services
 from gateway.web import health, router_api
 from gateway.web.asgi import Receive, Scope, Send
@@ -39,6 +40,7 @@ def create_quart_app(services: Services) -> Quart:
 
     @app.errorhandler(GatewayError)
     async def gateway_error(error: GatewayError) -> Response:
+        record_of(request.scope).error = error.message
         return json_error(error)
 
     @app.errorhandler(HTTPException)

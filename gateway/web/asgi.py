@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, error_body, error_line
+from gateway.record import RequestRecord
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,8 +83,10 @@ class Responder:
         *,
         error_body: Callable[[GatewayError], bytes] = lambda e: error_body(e.message),
         stream_tail: Callable[[GatewayError, bool], bytes] = ndjson_error_tail,
+        record: RequestRecord | None = None,
     ) -> None:
         self._send = send
+        self._record = record
         self._error_body = error_body
         self._stream_tail = stream_tail
         self.started = False
@@ -105,6 +108,8 @@ class Responder:
         await send_response(self._send, status, body, headers=headers)
 
     async def fail(self, error: GatewayError, *, mid_line: bool = False) -> None:
+        if self._record is not None:
+            self._record.error = error.message
         if not self.started:
             extra = [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
             await self.full(error.status, self._error_body(error), extra)

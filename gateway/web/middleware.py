@@ -63,6 +63,7 @@ class Observed:
             started=trio.current_time(),
         )
         scope[SCOPE_KEY] = record
+        completed = trio.Event()
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -80,6 +81,8 @@ class Observed:
                 }
             elif message["type"] == "http.response.body":
                 record.bytes_out += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    completed.set()
             await send(message)
 
         try:
@@ -90,21 +93,24 @@ class Observed:
                     path, header(scope, b"authorization"), admin=admin
                 )
             except GatewayError as exc:
-                record.error = exc.message
                 if path == OpenAIFrontDoor.path:
                     responder = Responder(
-                        observed_send, error_body=openai_error, stream_tail=sse_error_tail
+                        observed_send,
+                        error_body=openai_error,
+                        stream_tail=sse_error_tail,
+                        record=record,
                     )
                 else:
-                    responder = Responder(observed_send)
+                    responder = Responder(observed_send, record=record)
                 await responder.fail(exc)
                 return
             await self._inner(scope, receive, observed_send)
         finally:
-            self._finish(record, path)
+            self._finish(record, path, completed.is_set())
 
-    def _finish(self, record: RequestRecord, path: str) -> None:
-        if record.status == 0:
+    def _finish(self, record: RequestRecord, path: str, completed: bool) -> None:
+        if not completed:
+            # The client left before the answer ended: what it got is not what was sent.
             record.status = CLIENT_CLOSED
         self._s.metrics.observe(record)
         level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO

@@ -135,7 +135,7 @@ class OllamaProxy:
         return route_for(path) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        responder = Responder(send)
+        responder = Responder(send, record=record_of(scope))
         try:
             await self._handle(scope, receive, responder)
         except ClientGone:
@@ -321,7 +321,6 @@ class _Forward:
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
             self._s.inventory.note_failure(exc)
-            self._record.error = exc.message
             await self.responder.fail(exc, mid_line=frames.mid_line)
             return
         if ndjson and self._record.model:

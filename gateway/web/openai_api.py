@@ -21,7 +21,7 @@ import trio
 
 from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
 from gateway.providers.base import ChatRequest, Message, Provider
-from gateway.providers.openai_compat import OpenAICompatible
+from gateway.providers.openai_compat import OpenAICompatible, UsageWatch
 from gateway.providers.sse import DONE, sse_event
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
@@ -173,7 +173,9 @@ class OpenAIFrontDoor:
         self._s = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        responder = Responder(send, error_body=openai_error, stream_tail=sse_error_tail)
+        responder = Responder(
+            send, error_body=openai_error, stream_tail=sse_error_tail, record=record_of(scope)
+        )
         try:
             if scope["method"] != "POST":
                 raise BadRequest(f"{scope['method']} is not allowed on {self.path}; use POST")
@@ -215,13 +217,14 @@ class OpenAIFrontDoor:
         sent = trio.current_time()
         try:
             if isinstance(provider, OpenAICompatible):
-                await self._forward(responder, provider, model, request, body)
+                await self._forward(responder, provider, model, request, body, record)
             elif request.stream:
                 await self._stream(responder, provider, model, request, record)
             else:
                 await self._complete(responder, provider, model, request, record)
         finally:
-            record.upstream_s = trio.current_time() - sent
+            # The upstream's own time: a local call's wait for the gate is not part of it.
+            record.upstream_s = trio.current_time() - sent - (record.gate_wait_s or 0.0)
 
     async def _complete(
         self,
@@ -231,7 +234,7 @@ class OpenAIFrontDoor:
         request: CompletionRequest,
         record: RequestRecord,
     ) -> None:
-        result = await provider.chat(request.as_chat(), model)
+        result = await provider.chat(request.as_chat(), model, record)
         record.tokens_in, record.tokens_out = result.input_tokens, result.output_tokens
         completion = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
@@ -260,7 +263,7 @@ class OpenAIFrontDoor:
     ) -> None:
         chunks = _Chunks(request.model)
         include_usage = request.stream_options is not None and request.stream_options.include_usage
-        deltas = provider.stream(request.as_chat(), model)
+        deltas = provider.stream(request.as_chat(), model, record)
         async with aclosing(deltas):
             # The first piece comes before the status: a refusal or an upstream error
             # up to here keeps its own status.
@@ -288,6 +291,7 @@ class OpenAIFrontDoor:
         model: str,
         request: CompletionRequest,
         body: bytes,
+        record: RequestRecord,
     ) -> None:
         raw: dict[str, Any] = msgspec.json.decode(body)
         async with provider.forward(raw, model) as answer:
@@ -295,18 +299,27 @@ class OpenAIFrontDoor:
                 whole = await answer.read()
                 if whole.status >= 400:
                     raise provider.http.status_error(whole)
-                provider.check_completion(whole.body)
+                usage = provider.check_completion(whole.body).usage
+                if usage is not None:
+                    record.tokens_in, record.tokens_out = (
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                    )
                 content_type = whole.headers.get("content-type", "application/json")
                 await responder.full(200, whole.body, [(b"content-type", content_type.encode())])
                 return
             content_type = answer.headers.get("content-type", "text/event-stream")
             await responder.start(200, [(b"content-type", content_type.encode())])
             ended_mid_event = False
+            watch = UsageWatch()
             try:
                 async for chunk in answer:
                     ended_mid_event = not chunk.endswith(b"\n\n")
+                    watch.feed(chunk)
                     await responder.chunk(chunk)
             except UpstreamError as exc:
                 await responder.fail(exc, mid_line=ended_mid_event)
                 return
+            finally:
+                record.tokens_in, record.tokens_out = watch.tokens_in, watch.tokens_out
             await responder.end()

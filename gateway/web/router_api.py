@@ -63,12 +63,12 @@ async def run_chat(services: Services, chat: ChatRequest, record: RequestRecord)
     started = trio.current_time()
     with services.drain.track() as activity:
         with activity.scope:
-            result = await provider.chat(chat, model)
+            result = await provider.chat(chat, model, record)
         if activity.ended_by_shutdown:
             raise ShuttingDown("the gateway is shutting down; retry shortly")
     elapsed = trio.current_time() - started
     result.latency_ms = round(elapsed * 1000)
-    record.upstream_s = elapsed
+    record.upstream_s = elapsed - (record.gate_wait_s or 0.0)
     record.tokens_in, record.tokens_out = result.input_tokens, result.output_tokens
     return result
 
