@@ -89,6 +89,8 @@ async def serve(
             keep_alive_timeout_s=config.keep_alive_timeout_s,
             max_body_bytes=config.max_body_bytes,
             grace_s=config.shutdown_grace_s,
+            certfile=config.tls.certfile,
+            keyfile=config.tls.keyfile,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(inventory.run)

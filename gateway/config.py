@@ -98,6 +98,17 @@ class AuthConfig(_Section, frozen=True):
     admin_tokens_env: str = "GATEWAY_ADMIN_TOKENS"
 
 
+class TlsConfig(_Section, frozen=True):
+    """HTTPS on `bind`, served by hypercorn itself: PEM certificate chain and key files."""
+
+    certfile: str = ""
+    keyfile: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certfile)
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -112,6 +123,7 @@ class Config(_Section, frozen=True):
     gate: GateConfig = msgspec.field(default_factory=GateConfig)
     providers: ProvidersConfig = msgspec.field(default_factory=ProvidersConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
     def bind_host_port(self) -> tuple[str, int]:
         return parse_bind(self.bind)
@@ -153,6 +165,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
         _check_url("ollama.url", config.ollama.url)
         for name in provider_names():
             _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
+        _check_tls(config.tls)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
@@ -164,6 +177,15 @@ def from_mapping(raw: Mapping[str, Any], *, source: str = "configuration") -> Co
         return msgspec.convert(_with_provider_defaults(dict(raw)), Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
+
+
+def _check_tls(tls: TlsConfig) -> None:
+    if bool(tls.certfile) != bool(tls.keyfile):
+        raise ConfigError("tls: set both certfile and keyfile, or neither")
+    for key in ("certfile", "keyfile"):
+        path = getattr(tls, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"tls.{key}: no such file {path!r}")
 
 
 def _with_provider_defaults(raw: dict[str, Any]) -> dict[str, Any]:

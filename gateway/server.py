@@ -71,10 +71,19 @@ class _GatewayTCPServer(TCPServer):
 
 
 def hypercorn_config(
-    bind: str, *, keep_alive_timeout_s: float, max_body_bytes: int, grace_s: float
+    bind: str,
+    *,
+    keep_alive_timeout_s: float,
+    max_body_bytes: int,
+    grace_s: float,
+    certfile: str = "",
+    keyfile: str = "",
 ) -> HyperConfig:
     config = HyperConfig()
     config.bind = [bind]
+    if certfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
     config.keep_alive_timeout = keep_alive_timeout_s
     config.graceful_timeout = grace_s + CLOSE_MARGIN_S
     # Request bodies are bounded by the app (with Ollama's error shape); these are the
