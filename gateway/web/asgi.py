@@ -8,7 +8,15 @@ from typing import Any
 
 import trio
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, error_body, error_line
+from gateway.drain import Drain
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    ShuttingDown,
+    error_body,
+    error_line,
+)
 from gateway.record import RequestRecord
 
 Scope = MutableMapping[str, Any]
@@ -135,3 +143,25 @@ async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]
         nursery.start_soon(watch)
         await work()
         nursery.cancel_scope.cancel()
+
+
+async def run_tracked(
+    drain: Drain, receive: Receive, responder: Responder, work: Callable[[], Awaitable[None]]
+) -> None:
+    """Run a request's upstream work under the drain (so shutdown can end it cleanly) and
+    the disconnect watch, and answer what it raises, as a status or in-band."""
+    with drain.track() as activity:
+
+        async def guarded() -> None:
+            failure: GatewayError | None = None
+            try:
+                with activity.scope:
+                    await work()
+            except GatewayError as exc:
+                failure = exc
+            if activity.ended_by_shutdown:
+                failure = ShuttingDown("the gateway is shutting down; retry shortly")
+            if failure is not None:
+                await responder.fail(failure)
+
+        await until_disconnect(receive, guarded)

@@ -22,7 +22,6 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
-    ShuttingDown,
     UpstreamError,
 )
 from gateway.record import RequestRecord, record_of
@@ -39,8 +38,9 @@ from gateway.web.asgi import (
     Send,
     header,
     read_body,
-    until_disconnect,
+    run_tracked,
 )
+from gateway.web.bodies import decode_body
 
 
 class Kind(enum.Enum):
@@ -109,14 +109,7 @@ def route_for(path: str) -> Route | None:
 
 def parse_routing(body: bytes) -> Routing:
     """Decode only what routing needs; the body itself is forwarded untouched."""
-    if not body.strip():
-        raise BadRequest("missing request body")
-    try:
-        return _routing.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    return decode_body(body, _routing)
 
 
 def _forwarded_headers(upstream: RawResponse) -> Headers:
@@ -194,27 +187,9 @@ class OllamaProxy:
                 await self._run(receive, responder, forward.plain)
 
     async def _run(
-        self,
-        receive: Receive,
-        responder: Responder,
-        work: Callable[[], Awaitable[None]],
+        self, receive: Receive, responder: Responder, work: Callable[[], Awaitable[None]]
     ) -> None:
-        """Run upstream work under the drain and the disconnect watch; answer its errors."""
-        with self._s.drain.track() as activity:
-
-            async def guarded() -> None:
-                failure: GatewayError | None = None
-                try:
-                    with activity.scope:
-                        await work()
-                except GatewayError as exc:
-                    failure = exc
-                if activity.ended_by_shutdown:
-                    failure = ShuttingDown("the gateway is shutting down; retry shortly")
-                if failure is not None:
-                    await responder.fail(failure)
-
-            await until_disconnect(receive, guarded)
+        await run_tracked(self._s.drain, receive, responder, work)
 
 
 class _Forward:

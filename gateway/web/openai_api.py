@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import trio
 
-from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
+from gateway.errors import BadRequest, GatewayError, UpstreamError
 from gateway.providers.base import ChatRequest, Message, Provider
 from gateway.providers.openai_compat import OpenAICompatible, UsageWatch
 from gateway.providers.sse import DONE, sse_event
@@ -33,8 +33,9 @@ from gateway.web.asgi import (
     Scope,
     Send,
     read_body,
-    until_disconnect,
+    run_tracked,
 )
+from gateway.web.bodies import decode_body
 
 _encode = msgspec.json.Encoder().encode
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -113,17 +114,7 @@ def sse_error_tail(error: GatewayError, mid_line: bool) -> bytes:
 
 
 def parse_request(body: bytes) -> CompletionRequest:
-    if not body.strip():
-        raise BadRequest("missing request body")
-    try:
-        request = _request.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "missing required field `model`" in text:
-            raise BadRequest("model is required") from None
-        raise BadRequest(f"invalid request body: {text}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    request = decode_body(body, _request)
     if not request.messages:
         raise BadRequest("messages must hold at least one message")
     return request
@@ -185,21 +176,12 @@ class OpenAIFrontDoor:
             record = record_of(scope)
             record.provider, record.model = provider.name, model
             provider.admit()
-            with self._s.drain.track() as activity:
-
-                async def work() -> None:
-                    failure: GatewayError | None = None
-                    try:
-                        with activity.scope:
-                            await self._answer(responder, provider, model, request, body, record)
-                    except GatewayError as exc:
-                        failure = exc
-                    if activity.ended_by_shutdown:
-                        failure = ShuttingDown("the gateway is shutting down; retry shortly")
-                    if failure is not None:
-                        await responder.fail(failure)
-
-                await until_disconnect(receive, work)
+            await run_tracked(
+                self._s.drain,
+                receive,
+                responder,
+                lambda: self._answer(responder, provider, model, request, body, record),
+            )
         except ClientGone:
             return
         except GatewayError as exc:

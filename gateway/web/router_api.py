@@ -15,6 +15,7 @@ from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
 from gateway.providers.base import ChatRequest, ChatResult
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
+from gateway.web.bodies import decode_body
 
 _encode = msgspec.json.Encoder().encode
 _chat_request = msgspec.json.Decoder(ChatRequest)
@@ -34,21 +35,6 @@ def _vector(vector: list[float], request: _EmbeddingsRequest) -> list[float] | s
 
 
 _embeddings_request = msgspec.json.Decoder(_EmbeddingsRequest)
-
-
-def decode_body(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    """Decode a JSON body strictly; every failure is a 400 that says what is wrong."""
-    if not body.strip():
-        raise BadRequest("missing request body")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if "missing required field `model`" in text:
-            raise BadRequest("model is required") from None
-        raise BadRequest(f"invalid request body: {text}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -81,7 +67,7 @@ def check_messages(chat: ChatRequest) -> None:
 def register(app: Quart, services: Services) -> None:
     @app.post("/v1/chat")
     async def chat() -> Response:
-        body: ChatRequest = decode_body(await request.get_data(False, False, False), _chat_request)
+        body = decode_body(await request.get_data(False, False, False), _chat_request)
         check_messages(body)
         return json_response(await run_chat(services, body, record_of(request.scope)))
 
@@ -104,9 +90,7 @@ def register(app: Quart, services: Services) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
-        body: _EmbeddingsRequest = decode_body(
-            await request.get_data(False, False, False), _embeddings_request
-        )
+        body = decode_body(await request.get_data(False, False, False), _embeddings_request)
         inventory = services.inventory
         record = record_of(request.scope)
         record.provider, record.model = "ollama", body.model
