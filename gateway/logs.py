@@ -54,5 +54,7 @@ def setup(fmt: Literal["auto", "json", "text"], stream: Any = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    # hypercorn's own error log would repeat what the gateway says in its own words.
-    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+    # hypercorn's error log would repeat what the gateway says in its own words, and
+    # httpx logs a line per upstream request at INFO: the access log already has it.
+    for noisy in ("hypercorn.error", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
