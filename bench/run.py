@@ -897,7 +897,7 @@ _ENTRY_FILES = ("gateway/__main__.py", "gateway/cli.py")
 
 # Checked in order: a sample goes to the first concern with a frame on its stack.
 _CONCERNS = (
-    ("logging (access log, httpx's request log)", ("logging/", "gateway/logs.py")),
+    ("logging (access log)", ("logging/", "gateway/logs.py")),
     ("metrics (prometheus_client)", ("prometheus_client/", "gateway/metrics.py")),
     ("upstream HTTP client (httpx, httpcore, its h11)", ("httpx/", "httpcore/")),
 )
