@@ -11,6 +11,8 @@ Lifespan, TCPServer, WorkerContext) for three reasons, each measured (STACK-NOTE
   nursery is cancelled by the disconnect hypercorn sends during the final send), so idle
   connections never closed; during shutdown the same cancellation interrupted the close
   of a recycled connection. Re-arming and closing are shielded here.
+- When a client closes its connection, the keep-alive timer is stopped at once, so
+  the socket and its tasks go then, not `keep_alive_timeout_s` later.
 - Shutdown drains through `gateway.drain.Drain` before hypercorn's own graceful timeout,
   so running streams end with an error line, not a cut.
 """
@@ -35,32 +37,53 @@ from gateway.drain import Drain
 
 log = logging.getLogger("gateway.server")
 
+LISTEN_BACKLOG = 2048
+
 # Time left after the drain for handlers to write their last error line and close.
 CLOSE_MARGIN_S = 3.0
 
 
 class _GatewayTCPServer(TCPServer):
-    """hypercorn's connection, with a write deadline and a shielded idle-timer re-arm."""
+    """hypercorn's connection, with a write deadline and shielded timer and close steps.
+
+    The write deadline is kept by one watchdog task per connection rather than a
+    `fail_after` around every write: a write is on the hot path (each streamed line),
+    a watchdog wakes once per `write_timeout_s`.
+    """
 
     def __init__(self, *args: Any, write_timeout_s: float) -> None:
         super().__init__(*args)
         self._write_timeout_s = write_timeout_s
+        self._writing_since: float | None = None
+        self._watchdog: trio.CancelScope | None = None
+
+    async def _read_data(self) -> None:
+        # Runs in the connection's task group for the connection's whole life. When it
+        # ends (the client closed, or we dropped it), the connection's other tasks must
+        # end too: hypercorn left the keep-alive timer armed, which held the socket and
+        # two tasks for `keep_alive_timeout_s` after the client had gone.
+        try:
+            await super()._read_data()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            with trio.CancelScope(shield=True):
+                await self.idle_task.stop()
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, RawData):
             async with self.send_lock:
+                if self._watchdog is None:
+                    self._watchdog = trio.CancelScope()
+                    self._task_group.spawn(self._watch_writes, self._watchdog)
+                self._writing_since = trio.current_time()
                 try:
-                    with trio.CancelScope(shield=True), trio.fail_after(self._write_timeout_s):
+                    with trio.CancelScope(shield=True):
                         await self.stream.send_all(event.data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self.protocol.handle(Closed())
-                except trio.TooSlowError:
-                    log.warning(
-                        "dropped a client that read nothing for %g s", self._write_timeout_s
-                    )
-                    with trio.CancelScope(shield=True):
-                        await self.stream.aclose()
-                        await self.protocol.handle(Closed())
+                finally:
+                    self._writing_since = None
         elif isinstance(event, Updated | Closed):
             # Both run inside the app's last send, which the app's disconnect watcher may
             # cancel: an unarmed idle timer or a half-done close leaves the socket open.
@@ -68,6 +91,20 @@ class _GatewayTCPServer(TCPServer):
                 await super().protocol_send(event)
         else:
             await super().protocol_send(event)
+
+    async def _watch_writes(self, scope: trio.CancelScope) -> None:
+        """Drop the connection when one write has waited `write_timeout_s` for the client:
+        closing wakes the blocked write, the app sees a disconnect, the gate is freed."""
+        timeout = self._write_timeout_s
+        with scope:
+            while True:
+                since, now = self._writing_since, trio.current_time()
+                if since is not None and now - since >= timeout:
+                    log.warning("dropped a client that read nothing for %g s", timeout)
+                    with trio.CancelScope(shield=True):
+                        await self.stream.aclose()
+                    return
+                await trio.sleep(timeout if since is None else since + timeout - now)
 
 
 def hypercorn_config(
@@ -85,6 +122,8 @@ def hypercorn_config(
         config.certfile = certfile
         config.keyfile = keyfile
     config.keep_alive_timeout = keep_alive_timeout_s
+    # Room for a burst of connections (hypercorn's default of 100 overflowed at 1,000).
+    config.backlog = LISTEN_BACKLOG
     config.graceful_timeout = grace_s + CLOSE_MARGIN_S
     # Request bodies are bounded by the app (with Ollama's error shape); these are the
     # header-size and queue limits of the HTTP layer itself.
