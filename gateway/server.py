@@ -1,7 +1,7 @@
-"""The HTTP server: hypercorn's trio worker, with two transport fixes and our own drain.
+"""The HTTP server: hypercorn's trio worker, with transport fixes and our own drain.
 
 hypercorn's `worker_serve` is re-composed here (from its public-enough pieces: Config,
-Lifespan, TCPServer, WorkerContext) for three reasons, each measured (STACK-NOTES 4-6):
+Lifespan, TCPServer, WorkerContext) for these reasons, each measured (STACK-NOTES 4-6):
 
 - A client that stops reading blocked `send_all` forever (it runs shielded, with no
   timeout), holding the chat gate and shutdown. `_GatewayTCPServer` gives every write a
