@@ -52,6 +52,10 @@ class BadRequest(GatewayError):
 class PayloadTooLarge(BadRequest):
     status = 413
 
+    def headers(self) -> dict[str, str]:
+        # The rest of the body was never read: the connection cannot carry another request.
+        return {"Connection": "close"}
+
 
 class Unauthorized(GatewayError):
     status = 401
@@ -70,6 +74,9 @@ class RouteNotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status = 405
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # refused before its body was read
 
 
 class ModelNotFound(GatewayError):
@@ -128,14 +135,25 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamStatus(UpstreamError):
     """The upstream answered with an error status; `upstream_status` keeps what it said."""
 
+    # What an upstream says about a body the client wrote itself (the OpenAI front door
+    # forwards it): the client's to fix, so the status is kept. 401/403 are about our key.
+    CLIENT_FAULTS = frozenset({400, 404, 409, 413, 415, 422})
+
     def __init__(
-        self, message: str, *, upstream_status: int, retry_after: str | None = None
+        self,
+        message: str,
+        *,
+        upstream_status: int,
+        retry_after: str | None = None,
+        body_is_clients: bool = False,
     ) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
         self.retry_after = retry_after
         # A rate limit is the client's to see and honour; every other failure is ours (502).
         self.status = 429 if upstream_status == 429 else 502
+        if body_is_clients and upstream_status in self.CLIENT_FAULTS:
+            self.status = upstream_status
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": self.retry_after} if self.retry_after else {}

@@ -55,12 +55,13 @@ class ProviderHTTP:
         key = self._key.reveal()
         return text.replace(key, "***") if key else text
 
-    def status_error(self, answer: Answer) -> UpstreamStatus:
+    def status_error(self, answer: Answer, *, body_is_clients: bool = False) -> UpstreamStatus:
         message = self.scrub(upstream_message(answer.body, answer.status))
         return UpstreamStatus(
             f"{self.name}: {message}",
             upstream_status=answer.status,
             retry_after=answer.headers.get("retry-after"),
+            body_is_clients=body_is_clients,
         )
 
     def _request(self, path: str, body: bytes) -> httpx.Request:

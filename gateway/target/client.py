@@ -117,7 +117,8 @@ class TargetClient:
         self._http = http
         self._base = config.url.rstrip("/")
         self._first_byte_timeout_s = config.first_byte_timeout_s
-        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._auth = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._token = token or ""
         self._max_line_bytes = max_line_bytes
         self.url = redact_url(self._base)
         self.name = f"Ollama target {self.url}"
@@ -129,13 +130,14 @@ class TargetClient:
         path: str,
         body: bytes | None = None,
         *,
-        content_type: str | None = "application/json",
+        content_type: bytes | str | None = "application/json",
         first_byte_timeout_s: float | None = None,
     ) -> AsyncIterator[RawResponse]:
         """Send `body` as received and yield the answer with its body still unread."""
-        headers = dict(self._auth)
+        headers: list[tuple[bytes, bytes]] = list(self._auth)
         if body is not None and content_type:
-            headers["Content-Type"] = content_type
+            value = content_type if isinstance(content_type, bytes) else content_type.encode()
+            headers.append((b"content-type", value))
         request = self._http.build_request(method, self._base + path, content=body, headers=headers)
         deadline_s = first_byte_timeout_s or self._first_byte_timeout_s
         try:
@@ -164,7 +166,7 @@ class TargetClient:
             data = await response.read()
         if response.status >= 400:
             raise UpstreamStatus(
-                f"{self.name}: {upstream_message(data, response.status)}",
+                f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
                 upstream_status=response.status,
                 retry_after=response.headers.get("retry-after"),
             )
@@ -178,7 +180,7 @@ class TargetClient:
             if response.status >= 400:
                 data = await response.read()
                 raise UpstreamStatus(
-                    f"{self.name}: {upstream_message(data, response.status)}",
+                    f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
                     upstream_status=response.status,
                     retry_after=response.headers.get("retry-after"),
                 )
@@ -190,6 +192,10 @@ class TargetClient:
             if (rest := splitter.close()) is not None:
                 yield self._frame(decoder, rest)
 
+    def scrub(self, text: str) -> str:
+        """Remove the target's token from text the target sent back (it may echo it)."""
+        return text.replace(self._token, "***") if self._token else text
+
     def _frame(self, decoder: msgspec.json.Decoder[T], line: bytes) -> T:
         try:
             frame = decoder.decode(line)
@@ -197,7 +203,7 @@ class TargetClient:
             raise UpstreamProtocol(f"{self.name} sent a line that is not JSON: {exc}") from None
         error = getattr(frame, "error", None)
         if isinstance(error, str):
-            raise UpstreamProtocol(f"{self.name} failed mid-answer: {error}")
+            raise UpstreamProtocol(f"{self.name} failed mid-answer: {self.scrub(error)}")
         return frame
 
     # Typed calls -----------------------------------------------------------------

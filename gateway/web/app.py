@@ -54,8 +54,13 @@ def create_quart_app(services: Services) -> Quart:
             message = f"no route {request.method} {request.path}"
         else:
             message = error.description or error.name
+        # Refused before the body was read (413, 405): the connection cannot be reused.
+        headers = {"Connection": "close"} if status in (405, 413) else {}
         return Response(
-            error_body(message), status=status, content_type="application/json; charset=utf-8"
+            error_body(message),
+            status=status,
+            content_type="application/json; charset=utf-8",
+            headers=headers,
         )
 
     health.register(app, services)

@@ -12,6 +12,8 @@ T = TypeVar("T")
 
 
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode with `decoder`; msgspec says "bad input" as DecodeError, and also as
+    UnicodeDecodeError (invalid UTF-8 in a string) and RecursionError (deep nesting)."""
     if not body.strip():
         raise BadRequest("missing request body")
     try:
@@ -23,3 +25,10 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise BadRequest(f"invalid request body: {text}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 only in the strings it decodes, and says so this way.
+        raise BadRequest(
+            f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None

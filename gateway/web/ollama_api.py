@@ -11,6 +11,7 @@ gate precisely (ADR 0005).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,10 @@ _routing = msgspec.json.Decoder(Routing)
 _KEEP_BYTES = 1024 * 1024
 
 
+# A blob is named by its digest; anything else (dot segments, escapes) never goes upstream.
+_BLOB_PATH = re.compile(r"/api/blobs/sha256[:-][0-9a-fA-F]{64}")
+
+
 def route_for(path: str) -> Route | None:
     route = ROUTES.get(path)
     if route is None and path.startswith("/api/blobs/"):
@@ -148,7 +153,9 @@ class OllamaProxy:
         upstream_path = path + (
             f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         )
-        content_type = (header(scope, b"content-type") or b"application/json").decode("latin-1")
+        # Bytes as received: httpx sends bytes header values untouched (any octet a client
+        # may put there), where a str would have to be ASCII.
+        content_type = header(scope, b"content-type") or b"application/json"
         record = record_of(scope)
         record.provider = "ollama"
         forward = _Forward(
@@ -182,6 +189,10 @@ class OllamaProxy:
                         f"{path} changes the models on the GPU host and is disabled on this"
                         " gateway (set ollama.allow_management = true to enable it)"
                     )
+                if route is _BLOBS and not _BLOB_PATH.fullmatch(path):
+                    raise BadRequest(
+                        f"{path!r} is not a blob: expected /api/blobs/sha256:<64 hex digits>"
+                    )
                 await self._run(receive, responder, forward.plain)
             case Kind.INFO:
                 await self._run(receive, responder, forward.plain)
@@ -201,7 +212,7 @@ class _Forward:
         method: str,
         path: str,
         body: bytes | None,
-        content_type: str,
+        content_type: bytes,
         responder: Responder,
         record: RequestRecord,
     ) -> None:

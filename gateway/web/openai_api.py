@@ -101,6 +101,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
 
 
 _request = msgspec.json.Decoder(CompletionRequest)
+_raw_request = msgspec.json.Decoder(dict[str, Any])
 
 
 def openai_error(error: GatewayError) -> bytes:
@@ -275,12 +276,12 @@ class OpenAIFrontDoor:
         body: bytes,
         record: RequestRecord,
     ) -> None:
-        raw: dict[str, Any] = msgspec.json.decode(body)
+        raw = decode_body(body, _raw_request)
         async with provider.forward(raw, model) as answer:
             if answer.status >= 400 or not request.stream:
                 whole = await answer.read()
                 if whole.status >= 400:
-                    raise provider.http.status_error(whole)
+                    raise provider.http.status_error(whole, body_is_clients=True)
                 usage = provider.check_completion(whole.body).usage
                 if usage is not None:
                     record.tokens_in, record.tokens_out = (
