@@ -78,17 +78,16 @@ class ProviderHTTP:
 
     async def post(self, path: str, payload: object) -> Answer:
         """POST JSON and read the whole answer within `timeout_s`."""
-        request = self._request(path, payload if isinstance(payload, bytes) else _encode(payload))
+        body = payload if isinstance(payload, bytes) else _encode(payload)
         try:
             with trio.fail_after(self.timeout_s):
-                response = await self._http.send(request)
+                async with self.stream(path, body) as answer:
+                    return await answer.read()
         except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"{self.name} did not answer within {self.timeout_s:g} s"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise self._mapped(exc) from exc
-        return Answer(response.status_code, response.headers, response.content)
+            raise self._too_slow() from None
+
+    def _too_slow(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"{self.name} did not answer within {self.timeout_s:g} s")
 
     @asynccontextmanager
     async def stream(self, path: str, body: bytes) -> AsyncIterator[StreamAnswer]:
@@ -99,9 +98,7 @@ class ProviderHTTP:
             with trio.fail_after(self.timeout_s):
                 response = await self._http.send(request, stream=True)
         except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"{self.name} did not answer within {self.timeout_s:g} s"
-            ) from None
+            raise self._too_slow() from None
         except httpx.HTTPError as exc:
             raise self._mapped(exc) from exc
         answer = StreamAnswer(self, response)

@@ -164,19 +164,11 @@ class OllamaProxy:
 
         match route.kind:
             case Kind.GENERATE:
-                routing = parse_routing(body)
-                if not routing.model_name:
-                    raise BadRequest("model is required")
-                record.model = routing.model_name
-                await self._s.inventory.require_model(routing.model_name)
+                model = await self._known_model(body, record)
                 self._s.gate.check_admission()
-                await self._run(receive, responder, forward.gated(routing.model_name))
+                await self._run(receive, responder, forward.gated(model))
             case Kind.EMBED:
-                routing = parse_routing(body)
-                if not routing.model_name:
-                    raise BadRequest("model is required")
-                record.model = routing.model_name
-                await self._s.inventory.require_model(routing.model_name)
+                await self._known_model(body, record)
                 await self._run(receive, responder, forward.plain)
             case Kind.SHOW:
                 parse_routing(body)
@@ -196,6 +188,15 @@ class OllamaProxy:
                 await self._run(receive, responder, forward.plain)
             case Kind.INFO:
                 await self._run(receive, responder, forward.plain)
+
+    async def _known_model(self, body: bytes, record: RequestRecord) -> str:
+        """The request's model, checked against the inventory (Ollama's 404 if unknown)."""
+        model = parse_routing(body).model_name
+        if not model:
+            raise BadRequest("model is required")
+        record.model = model
+        await self._s.inventory.require_model(model)
+        return model
 
     async def _run(
         self, receive: Receive, responder: Responder, work: Callable[[], Awaitable[None]]
