@@ -62,20 +62,20 @@ class _GatewayTCPServer(TCPServer):
         # ends (the client closed, or we dropped it), the connection's other tasks must
         # end too: hypercorn left the keep-alive timer armed, which held the socket and
         # two tasks for `keep_alive_timeout_s` after the client had gone.
+        # The write watchdog lives exactly as long as this loop: started here, not at the
+        # first write (a write after the client left would start one nobody stops).
+        self._watchdog = trio.CancelScope()
+        self._task_group.spawn(self._watch_writes, self._watchdog)
         try:
             await super()._read_data()
         finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+            self._watchdog.cancel()
             with trio.CancelScope(shield=True):
                 await self.idle_task.stop()
 
     async def protocol_send(self, event: Any) -> None:
         if isinstance(event, RawData):
             async with self.send_lock:
-                if self._watchdog is None:
-                    self._watchdog = trio.CancelScope()
-                    self._task_group.spawn(self._watch_writes, self._watchdog)
                 self._writing_since = trio.current_time()
                 try:
                     with trio.CancelScope(shield=True):

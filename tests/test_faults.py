@@ -734,3 +734,34 @@ async def test_a_connection_its_client_closed_is_released_at_once(
         await eventually(lambda: gw.services.drain.active == 0)
         await trio.sleep(0.1)
     await settle_tasks(baseline, timeout_s=2.0)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n",
+        b"GET /api/version HTTP/1.1\r\nhost: gw\r\n\r\n",
+        b"POST /api/embed HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b'content-length: 41\r\n\r\n{"model":"nomic-embed-text","input":"x"}',
+    ],
+    ids=["health", "version", "embed"],
+)
+async def test_clients_hanging_up_right_after_their_request_leave_nothing(
+    start_gateway: StartGateway, ollama: OllamaEmulator, request_bytes: bytes
+) -> None:
+    """100 clients each send a whole request and close within a few milliseconds, before
+    or while the answer is written. Every connection must end: its socket closed, its tasks
+    gone. (A connection whose client left before its first byte was written got its
+    write watchdog spawned after the read loop had ended, so nothing cancelled it: the
+    connection's task group, its tasks and its socket stayed forever.)"""
+    gw = await start_gateway(make_config(ollama.url))
+    baseline = gateway_tasks()
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(20):
+        for n in range(100):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                await stream.send_all(request_bytes)
+                await trio.sleep(0.001 * (n % 5))
+        # Well past the keep-alive timeout: nothing may be waiting for it.
+        await settle_tasks(baseline, timeout_s=gw.config.keep_alive_timeout_s + 2)

@@ -88,12 +88,13 @@ async def one_request(client: httpx.AsyncClient, kind: str, rng: random.Random) 
     elif kind == "health":
         response = await client.get("/health" if rng.random() < 0.5 else "/metrics")
     elif kind == "hang_up":
-        # A whole request on a connection of its own, then gone within a few ms.
+        # Five whole requests, each on a connection of its own, gone within 2 ms.
         url = client.base_url
-        stream = await trio.open_tcp_stream(url.host, url.port or 80)
-        async with stream:
-            await stream.send_all(rng.choice(HANG_UPS))
-            await trio.sleep(rng.uniform(0.0, 0.002))
+        for _ in range(5):
+            stream = await trio.open_tcp_stream(url.host, url.port or 80)
+            async with stream:
+                await stream.send_all(rng.choice(HANG_UPS))
+                await trio.sleep(rng.uniform(0.0, 0.002))
         return "left"
     else:
         # Leave while queued or holding (early), or after the first bytes (mid-stream).
@@ -128,13 +129,37 @@ async def drive(url: str, count: int, seed: int) -> dict[str, int]:
     return tally
 
 
-async def settled_fds(pid: int, limit: int, timeout_s: float = 10.0) -> int:
-    """Wait for the gateway's fd count to come down to `limit` (closing clients take a
-    keep-alive period to be released); return the last count seen."""
-    with trio.move_on_after(timeout_s):
-        while proc_status(pid)["fds"] > limit:
+def stray_sockets(pid: int, port: int, upstream_port: int) -> int:
+    """The gateway's sockets that are neither its listener nor a connection to the
+    upstream: client connections still open, orphans whose TCP state is gone (a client
+    that reset), and the event loop's own socketpair (constant)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    known = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            listener = local_port == port and fields[3] == "0A"
+            if listener or remote_port == upstream_port:
+                known.add(fields[9])
+    return len(inodes - known)
+
+
+async def settled(pid: int, port: int, upstream_port: int, strays: int) -> int:
+    """Wait until the gateway holds no more stray sockets than `strays` (a closed
+    keep-alive connection may take `keep_alive_timeout_s` to go); return the count."""
+    with trio.move_on_after(10):
+        while stray_sockets(pid, port, upstream_port) > strays:
             await trio.sleep(0.1)  # another process: nothing to wait on but time
-    return proc_status(pid)["fds"]
+    return stray_sockets(pid, port, upstream_port)
 
 
 @pytest.mark.soak
@@ -155,11 +180,12 @@ async def test_leak_soak_rss_and_fds_stay_flat(tmp_path: Path, nursery: trio.Nur
         pid = gw.process.pid
         with trio.fail_after(60 + REQUESTS * 0.05):
             await drive(url, WARMUP, seed=1)
-            await settled_fds(pid, 0, timeout_s=1.5)  # let closed connections go
+            await trio.sleep(1.0)  # let the warm-up's connections close
             start = proc_status(pid)
+            start_strays = stray_sockets(pid, port, emulator.port)
             emulator.requests.clear()  # the emulator's records are not the gateway's
             tally = await drive(url, REQUESTS, seed=2)
-            end_fds = await settled_fds(pid, start["fds"] + FD_MARGIN)
+            end_strays = await settled(pid, port, emulator.port, start_strays)
             end = proc_status(pid)
             async with httpx.AsyncClient(base_url=url, timeout=5.0, trust_env=False) as client:
                 health = (await client.get("/health")).json()
@@ -168,10 +194,12 @@ async def test_leak_soak_rss_and_fds_stay_flat(tmp_path: Path, nursery: trio.Nur
     print(
         f"\nsoak: {REQUESTS} requests {tally}\n"
         f"RSS start {start['VmRSS']} KiB, end {end['VmRSS']} KiB, peak {end['VmHWM']} KiB; "
-        f"fds start {start['fds']}, end {end_fds}"
+        f"fds start {start['fds']}, end {end['fds']}; "
+        f"sockets not listener/upstream: start {start_strays}, end {end_strays}"
     )
     assert sum(tally.values()) == REQUESTS
-    assert end_fds <= start["fds"] + FD_MARGIN, (start, end)
+    assert end_strays == start_strays, f"{end_strays - start_strays} client sockets never closed"
+    assert end["fds"] <= start["fds"] + FD_MARGIN, (start, end)
     assert end["VmRSS"] - start["VmRSS"] <= RSS_MARGIN_KIB, (start, end)
     assert health["gate"]["busy"] == 0
     assert health["gate"]["queued"] == 0
