@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -13,6 +15,7 @@ import trio
 
 from gateway.app import Started, serve
 from gateway.config import Config, from_mapping, provider_names
+from gateway.logs import JsonFormatter
 from gateway.services import Services
 from tests.emulators import OllamaEmulator, OpenAIEmulator
 
@@ -102,6 +105,23 @@ async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
 async def gateway(start_gateway: StartGateway, ollama: OllamaEmulator) -> RunningGateway:
     """The gateway in front of the Ollama emulator, with default settings."""
     return await start_gateway(make_config(ollama.url))
+
+
+@pytest.fixture
+def all_logs() -> Iterator[io.StringIO]:
+    """Everything any logger says during the test, at every level, as JSON lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 async def eventually(predicate: Callable[[], bool], *, timeout_s: float = 5.0) -> None:

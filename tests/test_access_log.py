@@ -78,23 +78,6 @@ def access() -> Iterator[Collect]:
         logger.setLevel(level)
 
 
-@pytest.fixture
-def all_logs() -> Iterator[io.StringIO]:
-    """Everything any logger says, as JSON lines, at every level."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-
-
 async def test_one_record_per_request_with_every_field(
     gateway: RunningGateway, ollama: OllamaEmulator, access: Collect
 ) -> None:

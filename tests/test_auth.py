@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,6 @@ from gateway import cli
 from gateway.auth import Auth
 from gateway.config import AuthConfig
 from gateway.errors import Unauthorized
-from gateway.logs import JsonFormatter
 from tests.conftest import RunningGateway, StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator, OpenAIEmulator
 
@@ -59,23 +56,6 @@ PROTECTED: list[tuple[str, str, Any, int]] = [
 
 def bearer(token: str) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def all_logs() -> Iterator[io.StringIO]:
-    """Everything any logger says during the test, at every level, as JSON lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 @pytest.fixture
