@@ -6,7 +6,6 @@ GatewayError                      status  meaning
 │   └── PayloadTooLarge             413   the body is over `max_body_bytes`
 ├── Unauthorized                    401   inbound bearer token missing or wrong
 ├── Forbidden                       403   a route this configuration refuses
-├── RouteNotFound                   404   no such route
 ├── MethodNotAllowed                405   the route exists, not with this method
 ├── ModelNotFound                   404   the target has no such model
 ├── ProviderNotRegistered           404   the model's provider has no key configured
@@ -16,10 +15,10 @@ GatewayError                      status  meaning
 │   ├── ShuttingDown                503   a signal asked the gateway to stop
 │   └── TargetDegraded              503   the Ollama target is known to be unreachable
 └── UpstreamError                   502   an upstream call failed
-    ├── UpstreamUnavailable         502   connection refused, reset, DNS (retry-eligible)
+    ├── UpstreamUnavailable         502   refused, DNS, connect timeout (retry-eligible)
     ├── UpstreamTimeout             504   an upstream deadline of ours fired
     ├── UpstreamStatus              502   the upstream answered 4xx/5xx (429 stays 429)
-    └── UpstreamProtocol            502   bad JSON, a line over 4 MiB, a stream cut short
+    └── UpstreamProtocol            502   bad JSON, a line over 4 MiB, a dropped connection
 ```
 
 httpx's exceptions are mapped into this tree once, in `gateway.target.client` and
@@ -66,10 +65,6 @@ class Unauthorized(GatewayError):
 
 class Forbidden(GatewayError):
     status = 403
-
-
-class RouteNotFound(GatewayError):
-    status = 404
 
 
 class MethodNotAllowed(GatewayError):

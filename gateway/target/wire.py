@@ -113,10 +113,6 @@ class ShowResponse(Wire):
     model_info: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class ErrorBody(Wire):
-    error: str = ""
-
-
 def canonical_model(name: str) -> str:
     """Ollama's model identity: `llama3` and `llama3:latest` are the same model."""
     base = name.rsplit("/", 1)[-1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from quart import Quart, Response, request
@@ -17,8 +16,6 @@ from gateway.web.asgi import Receive, Scope, Send
 from gateway.web.middleware import Observed
 from gateway.web.ollama_api import OllamaProxy
 from gateway.web.openai_api import OpenAIFrontDoor
-
-log = logging.getLogger("gateway.web")
 
 
 def json_error(error: GatewayError) -> Response:
