@@ -724,7 +724,7 @@ async def test_a_connection_its_client_closed_is_released_at_once(
     `TCPServer.run` ends its read loop on EOF, then waits in its task group for the armed
     `_idle_timeout`: a socket in CLOSE_WAIT and two tasks per closed connection for
     `keep_alive_timeout_s`. Found by this file, fixed in `gateway/server.py` (c6445c3);
-    kept so a hypercorn upgrade that changes it shows.)"""
+    the server's own connections (`gateway/h1/serve.py`) must keep it so.)"""
     gw = await start_gateway(make_config(ollama.url, keep_alive_timeout_s=30.0))
     baseline = gateway_tasks()
     async with client_for(gw) as client:

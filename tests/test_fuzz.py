@@ -782,10 +782,10 @@ async def test_blob_paths_cannot_reach_another_upstream_route(target: bytes) -> 
 
 
 async def test_malformed_http_is_refused_without_reaching_the_app() -> None:
-    """Bytes h11 cannot parse (a request line with invalid UTF-8, a space in the target)
-    are refused by the HTTP layer with a bare 400 and no body: the app never runs, nothing
-    is forwarded, and the gateway keeps serving. (This 400 has no JSON body: hypercorn
-    answers before any route does; recorded in docs/reliability.md.)"""
+    """Bytes that are not HTTP/1.1 (a request line with a non-ASCII target, a space in the
+    target, a header line without a colon) are refused by the HTTP layer with a 400 in
+    Ollama's error shape and a close: the app never runs, nothing is forwarded, and the
+    gateway keeps serving."""
 
     async def body(stack: Stack) -> None:
         host, port = stack.url.removeprefix("http://").rsplit(":", 1)
@@ -801,7 +801,8 @@ async def test_malformed_http_is_refused_without_reaching_the_app() -> None:
                 while chunk := await stream.receive_some(65536):
                     answer += chunk
             status = int(answer.split(b" ", 2)[1])
-            assert 400 <= status < 500, (head, answer)
+            assert status == 400, (head, answer)
+            assert b"malformed HTTP request" in answer.partition(b"\r\n\r\n")[2], answer
         assert stack.ollama.generation_order == []
         await still_serves(stack)
 

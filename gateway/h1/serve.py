@@ -148,7 +148,10 @@ class Transport:
                 pass
             except OSError as exc:
                 raise ClientGone from exc
-            await trio.lowlevel.wait_readable(sock)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError as exc:  # closed by the write deadline
+                raise ClientGone from exc
 
     async def send(self, data: bytes) -> None:
         """Write all of `data`, or raise `ClientGone`. Shielded from the caller's
@@ -515,8 +518,8 @@ class Cycle:
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("the answer has already started")
-            self.started = True
             self._head = self._encode_head(message["status"], message.get("headers", ()))
+            self.started = True
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
 
@@ -529,11 +532,12 @@ class Cycle:
             lower = name.lower()
             if lower == b"content-length":
                 length = int(value)
-            elif lower == b"connection":
+                continue
+            if lower == b"connection":
                 if b"close" in value.lower():
                     close = True
                 continue
-            elif lower == b"transfer-encoding" or lower == b"date":
+            if lower == b"transfer-encoding" or lower == b"date":
                 continue
             if not valid_value(value):
                 raise RuntimeError(f"header {name!r} has a value that cannot be sent")
@@ -550,8 +554,8 @@ class Cycle:
             self._chunked = True
         else:
             close = True  # close-delimited: the end of the connection ends the body
-        if no_body:
-            self._length = 0
+        if no_body or self.head_only:
+            self._length = 0  # nothing follows the head, whatever length it announces
         if close:
             self.keep_alive = False
             lines.append(b"connection: close\r\n")
