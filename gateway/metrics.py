@@ -9,6 +9,7 @@ models are those of the inventory or the first `MAX_MODELS` cloud names, then "o
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -76,6 +77,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._inventory = inventory
         self._cloud_models: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -134,15 +136,26 @@ class Metrics:
             return model
         return "other"
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: prometheus-client
+        validates and locks on every `labels()` call, and this runs once per request.
+        Bounded because every label is (routes, statuses, providers, token names)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: RequestRecord) -> None:
         provider = record.provider
-        self.requests.labels(record.route, str(record.status), provider, record.client_name).inc()
+        child = self._child
+        child(self.requests, record.route, str(record.status), provider, record.client_name).inc()
         if record.gate_wait_s is not None:
             self.gate_wait.observe(record.gate_wait_s)
         if record.upstream_headers_s is not None:
-            self.upstream_first_byte.labels(provider).observe(record.upstream_headers_s)
+            child(self.upstream_first_byte, provider).observe(record.upstream_headers_s)
         if record.upstream_s is not None:
-            self.upstream_total.labels(provider).observe(record.upstream_s)
+            child(self.upstream_total, provider).observe(record.upstream_s)
         model = self.model_label(provider, record.model)
         if record.tokens_in:
             self.tokens.labels(provider, model, "in").inc(record.tokens_in)

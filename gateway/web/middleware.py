@@ -115,12 +115,16 @@ class Observed:
         self._s.metrics.observe(record)
         level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
-            fields = record.log_fields(trio.current_time())
-            access_log.log(
+            # `makeRecord` + `handle` is `log()` without its search of the call stack
+            # for a source line that the access log never shows.
+            entry = access_log.makeRecord(
+                access_log.name,
                 level,
+                __file__,
+                0,
                 "%s %s %d",
-                record.method,
-                record.route,
-                record.status,
-                extra={"fields": fields},
+                (record.method, record.route, record.status),
+                None,
+                extra={"fields": record.log_fields(trio.current_time())},
             )
+            access_log.handle(entry)
