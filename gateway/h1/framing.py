@@ -19,7 +19,9 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # A field line: a token, a colon, optional whitespace, a value without control characters
 # (horizontal tab allowed), optional whitespace. Folded lines start with whitespace and
 # therefore never match.
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*")
+_FIELD = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*"
+)
 _VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/1\.([01])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
@@ -160,9 +162,7 @@ class ChunkedDecoder:
                     break
                 found = _CHUNK_SIZE.fullmatch(buffer, at, line_end)
                 if found is None:
-                    raise FramingError(
-                        f"malformed chunk size line {bytes(buffer[at : at + 40])!r}"
-                    )
+                    raise FramingError(f"malformed chunk size line {bytes(buffer[at : at + 40])!r}")
                 self._left = int(found[1], 16)
                 at = line_end + 2
                 self._state = self._DATA if self._left else self._TRAILER
