@@ -547,6 +547,22 @@ async def test_a_refused_connection_is_unavailable(make_pool: MakePool) -> None:
         await fetch(pool)
 
 
+async def test_a_connection_not_accepted_in_time_is_unavailable(
+    make_pool: MakePool, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.socket.socket() as listener, trio.socket.socket() as filler:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        await filler.connect(listener.getsockname())  # the one place in the accept queue
+        pool = await make_pool(
+            f"http://127.0.0.1:{listener.getsockname()[1]}", connect_timeout_s=2.0
+        )
+        started = trio.current_time()
+        with pytest.raises(UpstreamUnavailable, match="did not accept a connection in time"):
+            await fetch(pool)
+        assert trio.current_time() - started == pytest.approx(2.0, abs=0.01)
+
+
 async def test_no_head_in_time_is_our_timeout(
     start_server: StartServer, make_pool: MakePool, autojump_clock: trio.abc.Clock
 ) -> None:
