@@ -731,21 +731,45 @@ async def test_requests_need_the_watchdog() -> None:
     await pool.aclose()
 
 
-async def test_https_with_keep_alive(nursery: trio.Nursery, make_pool: MakePool) -> None:
+async def start_https(nursery: trio.Nursery, script: Script) -> tuple[Server, ssl.SSLContext]:
+    """A TLS server for `script`, and a client context that trusts it."""
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    server = Server(answer_each(OK))
+    server = Server(script)
     listeners = await nursery.start(
         partial(trio.serve_ssl_over_tcp, server.handle, 0, server_context, host="127.0.0.1")
     )
-    port = listeners[0].transport_listener.socket.getsockname()[1]
+    server.port = listeners[0].transport_listener.socket.getsockname()[1]
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    pool = await make_pool(f"https://127.0.0.1:{port}", ssl_context=client_context)
+    return server, client_context
+
+
+async def test_https_with_keep_alive(nursery: trio.Nursery, make_pool: MakePool) -> None:
+    server, context = await start_https(nursery, answer_each(OK))
+    url = f"https://127.0.0.1:{server.port}"
+    pool = await make_pool(url, ssl_context=context)
     assert await fetch(pool) == (200, b"ok")
     assert await fetch(pool) == (200, b"ok")
     assert server.connections == 1
-    untrusted = await make_pool(f"https://127.0.0.1:{port}")
+    untrusted = await make_pool(url)
     with pytest.raises(UpstreamUnavailable, match=r"unreachable: .*CERTIFICATE_VERIFY_FAILED"):
         await fetch(untrusted)
+
+
+async def test_https_silence_mid_body_is_our_timeout(
+    nursery: trio.Nursery, make_pool: MakePool, autojump_clock: trio.abc.Clock
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", b"part")
+        await peer.server.release.wait()
+
+    server, context = await start_https(nursery, script)
+    pool = await make_pool(f"https://127.0.0.1:{server.port}", ssl_context=context)
+    got: list[bytes] = []
+    with pytest.raises(UpstreamTimeout, match="sent nothing for too long"):
+        await read_into(pool, got)
+    assert got == [b"part"]
+    server.release.set()
