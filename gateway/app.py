@@ -20,7 +20,7 @@ from gateway.providers.local import LocalOllama
 from gateway.providers.registry import build_registry
 from gateway.server import hypercorn_config, serve_http
 from gateway.services import Services
-from gateway.target.client import TargetClient, make_http_client
+from gateway.target.client import TargetClient, make_target_pool
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
 from gateway.web.app import create_app
@@ -52,10 +52,10 @@ async def serve(
     token = environ.get(config.ollama.token_env) or None
     auth = Auth.from_config(config.auth, environ)  # a bad token file stops us here
     async with (
-        make_http_client(config.ollama) as http,
+        make_target_pool(config.ollama) as target_pool,
         make_provider_client() as provider_http,
     ):
-        target = TargetClient(http, config.ollama, token=token)
+        target = TargetClient(target_pool, config.ollama, token=token)
         inventory = Inventory(
             target,
             poll_interval_s=config.ollama.poll_interval_s,
@@ -93,6 +93,7 @@ async def serve(
             keyfile=config.tls.keyfile,
         )
         async with trio.open_nursery() as nursery:
+            await nursery.start(target_pool.run)
             await nursery.start(inventory.run)
             if warmer is not None:
                 nursery.start_soon(warmer.run)

@@ -21,8 +21,9 @@ GatewayError                      status  meaning
     └── UpstreamProtocol            502   bad JSON, a line over 4 MiB, a dropped connection
 ```
 
-httpx's exceptions are mapped into this tree once, in `gateway.target.client` and
-`gateway.providers.http`; nothing above those layers sees an httpx error.
+Transport failures are mapped into this tree once: by `gateway.h1.client` (the Ollama
+target's own HTTP/1.1 client) and by `gateway.upstream.map_error` for the providers' httpx
+client; nothing above those layers sees a socket or an httpx error.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """What every upstream call shares: httpx errors mapped into the gateway's tree (the one
-place that knows httpx's exceptions), and the upstream's own error message extracted."""
+place that knows httpx's exceptions, for the cloud providers; the Ollama target's own
+client in `gateway.h1.client` raises the same texts), and the upstream's own error message
+extracted."""
 
 from __future__ import annotations
 

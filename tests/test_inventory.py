@@ -1,45 +1,78 @@
-"""The inventory poller on the autojump clock, with httpx.MockTransport as the target."""
+"""The inventory poller on the autojump clock, with a fake transport as the target."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 import trio
 import trio.testing
 
 from gateway.config import OllamaConfig
 from gateway.errors import ModelNotFound, TargetDegraded, UpstreamUnavailable
-from gateway.target.client import TargetClient
+from gateway.target.client import TargetClient, target_name
 from gateway.target.inventory import Inventory
 
 
-class FakeTarget:
-    """Answers /api/tags and /api/ps, or refuses connections while `down`."""
+class FakeResponse:
+    """A whole answer, as a `gateway.target.client.UpstreamResponse`."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.headers = [(b"content-type", b"application/json")]
+        self._body = body
+
+    def header(self, name: bytes) -> bytes | None:
+        return dict(self.headers).get(name)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FakeTarget:
+    """A `Transport` that answers /api/tags and /api/ps, or refuses connections while
+    `down`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.models = ["llama3:latest"]
         self.down = False
         self.polls: list[float] = []
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
+    @asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | None,
+        first_byte_timeout_s: float,
+    ) -> AsyncIterator[FakeResponse]:
+        await trio.lowlevel.checkpoint()
         if self.down:
-            raise httpx.ConnectError("connection refused", request=request)
-        if request.url.path == "/api/tags":
+            raise UpstreamUnavailable(f"{self.name} is unreachable: connection refused")
+        if path == "/api/tags":
             self.polls.append(trio.current_time())
-            return httpx.Response(200, json={"models": [{"name": m} for m in self.models]})
-        return httpx.Response(200, content=json.dumps({"models": []}).encode())
+            models = [{"name": m} for m in self.models]
+            yield FakeResponse(200, json.dumps({"models": models}).encode())
+        else:
+            yield FakeResponse(200, json.dumps({"models": []}).encode())
 
 
 @pytest.fixture
-async def target() -> AsyncIterator[tuple[FakeTarget, Inventory]]:
-    fake = FakeTarget()
+def target() -> tuple[FakeTarget, Inventory]:
     config = OllamaConfig(url="http://gpu.lan:11434")
-    async with httpx.AsyncClient(transport=httpx.MockTransport(fake.handle)) as http:
-        client = TargetClient(http, config, token=None)
-        yield fake, Inventory(client, poll_interval_s=30, degraded_poll_interval_s=2)
+    fake = FakeTarget(target_name(config))
+    client = TargetClient(fake, config, token=None)
+    return fake, Inventory(client, poll_interval_s=30, degraded_poll_interval_s=2)
 
 
 async def test_polls_at_the_interval(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
-import httpx
 import pytest
 import trio
 
@@ -17,11 +16,12 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.target.client import TargetClient, make_http_client
+from gateway.h1.client import ConnectionPool
+from gateway.target.client import TargetClient, make_target_pool
 from gateway.target.ndjson import LineTooLong
 from tests.emulators import OllamaEmulator
 
-MakeClient = Callable[..., TargetClient]
+MakeClient = Callable[..., Awaitable[TargetClient]]
 
 
 async def read_all(stream: AsyncGenerator[object, None], into: list[object] | None = None) -> None:
@@ -35,22 +35,23 @@ CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture
-async def client_for() -> AsyncIterator[MakeClient]:
-    clients: list[httpx.AsyncClient] = []
+async def client_for(nursery: trio.Nursery) -> AsyncIterator[MakeClient]:
+    pools: list[ConnectionPool] = []
 
-    def make(url: str, **overrides: float) -> TargetClient:
+    async def make(url: str, **overrides: float) -> TargetClient:
         config = OllamaConfig(url=url, connect_timeout_s=1.0, **overrides)
-        http = make_http_client(config)
-        clients.append(http)
-        return TargetClient(http, config, token="target-token")
+        pool = make_target_pool(config)
+        pools.append(pool)
+        await nursery.start(pool.run)
+        return TargetClient(pool, config, token="target-token")
 
     yield make
-    for http in clients:
-        await http.aclose()
+    for pool in pools:
+        await pool.aclose()
 
 
 async def test_every_typed_call(ollama: OllamaEmulator, client_for: MakeClient) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     assert (await client.version()).version == ollama.version
     tags = await client.tags()
     assert sorted(m.name for m in tags.models) == sorted(ollama.models)
@@ -72,7 +73,7 @@ async def test_every_typed_call(ollama: OllamaEmulator, client_for: MakeClient) 
 
 
 async def test_streaming_chat_and_generate(ollama: OllamaEmulator, client_for: MakeClient) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     async with aclosing(client.chat_stream(CHAT)) as chunks:
         frames = [chunk async for chunk in chunks]
     assert "".join(f.message.content for f in frames) == ollama.reply
@@ -88,7 +89,7 @@ async def test_refused_port_is_unavailable(client_for: MakeClient) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    client = client_for(f"http://127.0.0.1:{port}")
+    client = await client_for(f"http://127.0.0.1:{port}")
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
         await client.tags()
 
@@ -97,7 +98,7 @@ async def test_unknown_model_is_a_status_error_with_ollamas_message(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     with pytest.raises(UpstreamStatus) as error:
         await client.chat({**CHAT, "model": "nope"})
     assert error.value.upstream_status == 404
@@ -111,7 +112,7 @@ async def test_500_with_and_without_json(
     client_for: MakeClient,
     body: bytes | None,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.status = 500
     ollama.faults.status_body = body
     with pytest.raises(UpstreamStatus) as error:
@@ -124,7 +125,7 @@ async def test_hang_before_headers_is_our_timeout(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url, first_byte_timeout_s=0.2)
+    client = await client_for(ollama.url, first_byte_timeout_s=0.2)
     ollama.faults.hang_before_headers = True
     with trio.fail_after(5), pytest.raises(UpstreamTimeout, match=r"0\.2 s"):
         await client.chat(CHAT)
@@ -134,7 +135,7 @@ async def test_reset_before_headers_is_a_protocol_error(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.reset_before_headers = True
     with pytest.raises(UpstreamProtocol, match="dropped the connection"):
         await client.chat(CHAT)
@@ -144,7 +145,7 @@ async def test_death_mid_stream_is_a_protocol_error(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.die_mid_stream_after = 2
     seen: list[object] = []
     with pytest.raises(UpstreamProtocol):
@@ -156,7 +157,7 @@ async def test_line_over_4_mib_is_a_protocol_error_not_a_hang(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.overlong_line_bytes = 4 * 1024 * 1024 + 1
     with trio.fail_after(10), pytest.raises(LineTooLong):
         await read_all(client.chat_stream(CHAT))
@@ -166,7 +167,7 @@ async def test_garbage_answer_is_a_protocol_error(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.garbage_body = True
     with pytest.raises(UpstreamProtocol, match="not valid"):
         await client.chat(CHAT)
@@ -176,7 +177,7 @@ async def test_idle_mid_stream_is_a_timeout(
     ollama: OllamaEmulator,
     client_for: MakeClient,
 ) -> None:
-    client = client_for(ollama.url, idle_timeout_s=0.2)
+    client = await client_for(ollama.url, idle_timeout_s=0.2)
     ollama.faults.hang_mid_stream_after = 1
     with trio.fail_after(5), pytest.raises(UpstreamTimeout):
         await read_all(client.chat_stream(CHAT))
@@ -187,7 +188,7 @@ async def test_an_error_line_mid_stream_raises(
     client_for: MakeClient,
 ) -> None:
     """A stream that ends with Ollama's `{"error": ...}` line raises with its message."""
-    client = client_for(ollama.url)
+    client = await client_for(ollama.url)
     ollama.faults.status = 200
     ollama.faults.status_body = (
         b'{"message":{"content":"a"},"done":false}\n{"error":"GPU fell off"}\n'

@@ -1,23 +1,24 @@
 """The client of the local Ollama target: typed calls, and raw calls for passthrough.
 
-One shared `httpx.AsyncClient` carries every call. Its read timeout is the idle deadline
-(longest silence between two reads); the first-byte deadline is ours, a `trio.fail_after`
-around sending the request, so a cold model load is not mistaken for a hang. httpx's errors
-are mapped into `gateway.errors` here, once.
+Every call goes through one `gateway.h1.client.ConnectionPool` (a small HTTP/1.1 client of
+our own, cheaper per request and per streamed line than httpx), which raises its errors
+already in the gateway's tree. The first-byte deadline (sending the request until the
+answer's head) is per call, so a cold model load is not mistaken for a hang; the idle
+deadline (longest silence between two reads) is the pool's. `TargetClient` depends only on
+the small `Transport` protocol, so tests can hand it a fake.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol, TypeVar
 
-import httpx
 import msgspec
-import trio
 
 from gateway.config import OllamaConfig, redact_url
-from gateway.errors import UpstreamProtocol, UpstreamStatus, UpstreamTimeout
+from gateway.errors import UpstreamProtocol, UpstreamStatus
+from gateway.h1.client import ConnectionPool
 from gateway.target.ndjson import MAX_LINE_BYTES, NdjsonSplitter
 from gateway.target.wire import (
     ChatChunk,
@@ -27,7 +28,7 @@ from gateway.target.wire import (
     ShowResponse,
     VersionResponse,
 )
-from gateway.upstream import map_error, upstream_message
+from gateway.upstream import upstream_message
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -42,64 +43,84 @@ def _decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
     return decoder
 
 
-def make_http_client(config: OllamaConfig) -> httpx.AsyncClient:
-    """The one upstream connection pool, sized above any concurrency the gateway admits."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=config.connect_timeout_s,
-            read=config.idle_timeout_s,
-            write=config.idle_timeout_s,
-            pool=config.connect_timeout_s,
-        ),
-        limits=httpx.Limits(
-            max_connections=config.max_connections,
-            max_keepalive_connections=config.max_connections,
-            keepalive_expiry=30.0,
-        ),
+class UpstreamResponse(Protocol):
+    """An answer as a `Transport` gives it: head read, body not yet."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]  # lowercased names, values as sent
+
+    def header(self, name: bytes) -> bytes | None: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What `TargetClient` needs from its connection pool (`ConnectionPool` in service).
+
+    Errors are `gateway.errors.UpstreamError`s; an HTTP error status is not an error.
+    """
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | None,
+        first_byte_timeout_s: float,
+    ) -> AbstractAsyncContextManager[UpstreamResponse]: ...
+
+
+def target_name(config: OllamaConfig) -> str:
+    """How errors and logs name the target: its URL, any password hidden."""
+    return f"Ollama target {redact_url(config.url.rstrip('/'))}"
+
+
+def make_target_pool(config: OllamaConfig) -> ConnectionPool:
+    """The one upstream connection pool, sized above any concurrency the gateway admits.
+    Start its `run` task in a nursery; `async with` closes it."""
+    return ConnectionPool(
+        config.url,
+        name=target_name(config),
+        connect_timeout_s=config.connect_timeout_s,
+        idle_timeout_s=config.idle_timeout_s,
+        max_connections=config.max_connections,
+        keepalive_expiry_s=30.0,
         # Ask for identity encoding so raw bytes are the bytes a client should see.
-        headers={"Accept-Encoding": "identity", "User-Agent": "trio-llm-gateway"},
-        follow_redirects=False,
-        trust_env=False,
+        default_headers=[(b"User-Agent", b"trio-llm-gateway"), (b"Accept-Encoding", b"identity")],
     )
 
 
 class RawResponse:
     """An upstream answer whose body is handed on untouched, chunk by chunk.
 
-    Iterating it yields body chunks as they arrive, with errors mapped to the gateway's
-    tree. It is an iterator object rather than an async generator, so abandoning it
-    midway (a client that left) needs no finalizer: `raw()` closes it.
+    Iterating it yields body chunks as they arrive (errors already in the gateway's
+    tree). Abandoning it midway (a client that left) needs no finalizer: `raw()` closes
+    the connection when its block ends.
     """
 
-    def __init__(self, response: httpx.Response, target: str) -> None:
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: UpstreamResponse) -> None:
         self._response = response
-        self._target = target
-        # A body already read (httpx.MockTransport answers) is handed on as one chunk.
-        self._chunks = (
-            _one_chunk(response.content) if response.is_stream_consumed else response.aiter_raw()
-        )
-        self.status = response.status_code
+        self.status = response.status
         self.headers = response.headers
 
-    def __aiter__(self) -> RawResponse:
-        return self
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lowercase), or None."""
+        return self._response.header(name)
 
-    async def __anext__(self) -> bytes:
-        try:
-            return await anext(self._chunks)
-        except httpx.HTTPError as exc:
-            raise map_error(exc, self._target) from exc
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._response.__aiter__()
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self])
+        return await self._response.read()
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
         await self._response.aclose()
-
-
-async def _one_chunk(data: bytes) -> AsyncGenerator[bytes, None]:
-    yield data
 
 
 class TargetClient:
@@ -108,20 +129,19 @@ class TargetClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        transport: Transport,
         config: OllamaConfig,
         *,
         token: str | None,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
-        self._http = http
-        self._base = config.url.rstrip("/")
+        self._transport = transport
         self._first_byte_timeout_s = config.first_byte_timeout_s
         self._auth = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._token = token or ""
         self._max_line_bytes = max_line_bytes
-        self.url = redact_url(self._base)
-        self.name = f"Ollama target {self.url}"
+        self.url = redact_url(config.url.rstrip("/"))
+        self.name = target_name(config)
 
     @asynccontextmanager
     async def raw(
@@ -134,26 +154,13 @@ class TargetClient:
         first_byte_timeout_s: float | None = None,
     ) -> AsyncIterator[RawResponse]:
         """Send `body` as received and yield the answer with its body still unread."""
-        headers: list[tuple[bytes, bytes]] = list(self._auth)
+        headers = self._auth
         if body is not None and content_type:
             value = content_type if isinstance(content_type, bytes) else content_type.encode()
-            headers.append((b"content-type", value))
-        request = self._http.build_request(method, self._base + path, content=body, headers=headers)
+            headers = [*headers, (b"content-type", value)]
         deadline_s = first_byte_timeout_s or self._first_byte_timeout_s
-        try:
-            with trio.fail_after(deadline_s):
-                response = await self._http.send(request, stream=True)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(f"{self.name} sent no answer within {deadline_s:g} s") from None
-        except httpx.HTTPError as exc:
-            raise map_error(exc, self.name) from exc
-        raw = RawResponse(response, self.name)
-        try:
-            yield raw
-        finally:
-            # Closing is a socket close; shielded so a cancelled caller still frees it.
-            with trio.CancelScope(shield=True):
-                await raw.aclose()
+        async with self._transport.request(method, path, headers, body, deadline_s) as response:
+            yield RawResponse(response)
 
     async def _call(self, method: str, path: str, payload: Any, kind: type[T]) -> T:
         return (await self._call_keeping_body(method, path, payload, kind))[1]
@@ -168,7 +175,7 @@ class TargetClient:
             raise UpstreamStatus(
                 f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
                 upstream_status=response.status,
-                retry_after=response.headers.get("retry-after"),
+                retry_after=_text(response.header(b"retry-after")),
             )
         try:
             return data, _decoder(kind).decode(data)
@@ -182,7 +189,7 @@ class TargetClient:
                 raise UpstreamStatus(
                     f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
                     upstream_status=response.status,
-                    retry_after=response.headers.get("retry-after"),
+                    retry_after=_text(response.header(b"retry-after")),
                 )
             splitter = NdjsonSplitter(self._max_line_bytes)
             decoder = _decoder(kind)
@@ -248,3 +255,7 @@ class TargetClient:
 
     async def version(self) -> VersionResponse:
         return await self._call("GET", "/api/version", None, VersionResponse)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")

@@ -118,7 +118,7 @@ def parse_routing(body: bytes) -> Routing:
 
 
 def _forwarded_headers(upstream: RawResponse) -> Headers:
-    return [(name, value) for name, value in upstream.headers.raw if name.lower() not in _DROPPED]
+    return [(name, value) for name, value in upstream.headers if name not in _DROPPED]
 
 
 class OllamaProxy:
@@ -153,8 +153,8 @@ class OllamaProxy:
         upstream_path = path + (
             f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         )
-        # Bytes as received: httpx sends bytes header values untouched (any octet a client
-        # may put there), where a str would have to be ASCII.
+        # Bytes as received: the target client sends bytes header values untouched (any
+        # octet a client may put there), where a str would have to be ASCII.
         content_type = header(scope, b"content-type") or b"application/json"
         record = record_of(scope)
         record.provider = "ollama"
@@ -276,7 +276,7 @@ class _Forward:
 
     async def _relay(self, upstream: RawResponse) -> None:
         headers = _forwarded_headers(upstream)
-        length = upstream.headers.get("content-length")
+        length = upstream.header(b"content-length")
         if length is not None:
             # A complete answer: read it whole, so a short read can still be a clean 502.
             # HEAD has no body but keeps the length a GET would have.
@@ -284,9 +284,7 @@ class _Forward:
             self._record.upstream_s = trio.current_time() - self._sent
             if self._record.model and upstream.status == 200:
                 self._record.note_final_frame(data)
-            headers.append(
-                (b"content-length", str(len(data)).encode() if data else length.encode())
-            )
+            headers.append((b"content-length", b"%d" % len(data) if data else length))
             await self.responder.start(upstream.status, headers)
             await self.responder.end(data)
             return
@@ -294,7 +292,7 @@ class _Forward:
         # NDJSON is watched line by line (bound, last frame). Any other body sent without
         # a length (Go chunks large JSON answers) passes as is; for telemetry, a
         # generation's JSON answer is kept up to `_KEEP_BYTES`.
-        ndjson = upstream.headers.get("content-type", "").startswith("application/x-ndjson")
+        ndjson = (upstream.header(b"content-type") or b"").startswith(b"application/x-ndjson")
         frames = self.frames
         kept: list[bytes] | None = [] if self._record.model and not ndjson else None
         kept_bytes = 0
