@@ -470,23 +470,37 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(
     assert [index for index, _ in server.requests] == [0, 1]
 
 
-async def test_a_reused_connection_closed_before_any_answer_is_retried_once(
+async def closes_after_reading_the_second_request(peer: Peer) -> None:
+    await peer.request()
+    if peer.index == 0:
+        await peer.send(OK)
+        await peer.request()  # the race: read, then closed without an answer
+        return
+    await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nretried")
+
+
+async def test_a_reused_connection_closed_before_any_answer_retries_a_get_once(
     start_server: StartServer, make_pool: MakePool
 ) -> None:
-    async def script(peer: Peer) -> None:
-        await peer.request()
-        if peer.index == 0:
-            await peer.send(OK)
-            await peer.request()  # the race: read, then closed without an answer
-            return
-        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nretried")
-
-    server = await start_server(script)
+    server = await start_server(closes_after_reading_the_second_request)
     pool = await make_pool(server.url)
     assert await fetch(pool) == (200, b"ok")
-    assert await fetch(pool, "POST", body=b"again") == (200, b"retried")
+    assert await fetch(pool, "GET") == (200, b"retried")
     assert [index for index, _ in server.requests] == [0, 0, 1]
     assert server.requests[1][1] == server.requests[2][1]
+
+
+async def test_a_post_the_server_read_is_never_sent_twice(
+    start_server: StartServer, make_pool: MakePool
+) -> None:
+    """A POST may be a generation: once written to a server that then closed, it fails
+    (502 upstream) rather than running twice, as net/http decides too."""
+    server = await start_server(closes_after_reading_the_second_request)
+    pool = await make_pool(server.url)
+    assert await fetch(pool) == (200, b"ok")
+    with pytest.raises(UpstreamProtocol, match="dropped the connection"):
+        await fetch(pool, "POST", body=b"again")
+    assert [index for index, _ in server.requests] == [0, 0]
 
 
 async def test_a_fresh_connection_closed_before_any_answer_is_not_retried(

@@ -374,17 +374,24 @@ class Response:
         pool._busy.add(conn)
         pool._watch(conn, deadline)
         received = False
+        # Retrying on a fresh connection is safe when the server cannot have acted on the
+        # request: nothing of it was written, or it is a GET/HEAD. A POST that reached a
+        # server which then closed is not sent again (it could be a second generation);
+        # net/http draws the same line.
+        replayable = reused and self._method in ("GET", "HEAD")
+        written = False
         try:
             await conn.stream.send_all(self._head)
             if self._body is not None:
                 await conn.stream.send_all(self._body)
+            written = True
             buffer = b""
             while True:
                 end = head_end(buffer) if buffer else -1
                 if end < 0:
                     data = await conn.stream.receive_some(READ_BYTES)
                     if not data:
-                        if reused and not received:
+                        if replayable and not received:
                             raise _Stale
                         raise UpstreamProtocol(
                             f"{pool.name} dropped the connection: it closed before answering"
@@ -403,7 +410,7 @@ class Response:
                 raise UpstreamTimeout(
                     f"{pool.name} sent no answer within {self._first_byte_timeout_s:g} s"
                 ) from None
-            if reused and not received:
+            if reused and not received and (replayable or not written):
                 raise _Stale from None
             raise UpstreamProtocol(f"{pool.name} dropped the connection: {_reason(exc)}") from None
         except FramingError as exc:
