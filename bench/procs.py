@@ -166,6 +166,37 @@ class Upstream:
                 self.proc.wait()
 
 
+class Relay:
+    """`python -m bench.relay` as a subprocess: the trio floor (bytes piped, no HTTP)."""
+
+    def __init__(self, upstream_port: int, cpus: set[int] | None, *, blocking: bool) -> None:
+        mode = ["--blocking"] if blocking else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay", "--upstream-port", str(upstream_port), *mode],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_preexec(cpus),
+        )
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"the relay did not start (said {line!r})")
+        self.port = int(line.split()[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Gateway:
     """`python -m gateway serve` as a subprocess."""
 

@@ -44,6 +44,7 @@ from bench.client import (
 from bench.procs import (
     ROOT,
     Gateway,
+    Relay,
     Upstream,
     cpu,
     git_state,
@@ -187,6 +188,7 @@ class Bench:
         self.p = params
         self.direct = direct
         self.gateway = gateway
+        self.relays: list[tuple[Target, int, str]] = []
         self.gw_pid = gw_pid
         self.up_pid = up_pid
         self.results: dict[str, Any] = {}
@@ -200,19 +202,27 @@ class Bench:
     # ------------------------------------------------------------------ phases
 
     def interleaved(
-        self, payload_for: Callable[[Target], bytes], pairs: int, path: str = "/api/chat"
+        self,
+        payload_for: Callable[[Target], bytes],
+        pairs: int,
+        path: str = "/api/chat",
+        *,
+        versus: Target | None = None,
+        meter_pid: int | None = None,
     ) -> tuple[dict[str, list[Response]], CpuMeter, int]:
-        """Send `pairs` requests to each target, alternating, on one keep-alive connection
-        each; the order within a pair flips every pair."""
-        conns = {t.name: BlockingConnection(HOST, t.port) for t in (self.direct, self.gateway)}
-        raws = {
-            t.name: t.request("POST", path, payload_for(t)) for t in (self.direct, self.gateway)
-        }
-        out: dict[str, list[Response]] = {"direct": [], "gateway": []}
+        """Send `pairs` requests to the upstream and to `versus` (the gateway unless
+        given), alternating, on one keep-alive connection each; the order within a pair
+        flips every pair. The meter's "gateway" is `meter_pid` when given."""
+        other = versus or self.gateway
+        targets = (self.direct, other)
+        conns = {t.name: BlockingConnection(HOST, t.port) for t in targets}
+        raws = {t.name: t.request("POST", path, payload_for(t)) for t in targets}
+        out: dict[str, list[Response]] = {"direct": [], other.name: []}
         errors = 0
-        order = [("direct", "gateway"), ("gateway", "direct")]
+        order = [("direct", other.name), (other.name, "direct")]
+        meter = self.meter() if meter_pid is None else CpuMeter(meter_pid, self.up_pid)
         try:
-            with self.meter() as meter:
+            with meter:
                 for i in range(pairs):
                     for name in order[i & 1]:
                         try:
@@ -355,6 +365,40 @@ class Bench:
             "cpu": meter.as_dict(),
             "cpu_one_line": meter1.as_dict(),
         }
+
+    def floor(self) -> None:
+        """The same paced streams and non-streaming chats through `bench.relay` (bytes
+        piped, no HTTP), pinned where the gateway runs: once on trio, once with blocking
+        sockets and threads. What a program pays per wake-up on this machine, before HTTP."""
+        p = self.p
+        n = p.stream_lines
+        chat = body({"model": CHAT_MODEL, "messages": PROMPT, "stream": False})
+        self.results["floor"] = floors = {}
+        for target, pid, kind in self.relays:
+            outc, meterc, errorsc = self.interleaved(
+                lambda t: chat, max(50, p.chat_pairs // 3), versus=target, meter_pid=pid
+            )
+            outp, meterp, errorsp = self.interleaved(
+                lambda t: self._stream_payload(n, p.pace_us),
+                p.paced_pairs,
+                versus=target,
+                meter_pid=pid,
+            )
+            bad = sum(not self._stream_ok(r, n) for r in outp["relay"])
+            streams = max(1, len(outp["relay"]))
+            relayed = [r.elapsed for r in outc["relay"]]
+            direct = [r.elapsed for r in outc["direct"]]
+            floors[kind] = {
+                "what": f"bench.relay ({kind}): bytes piped both ways, no HTTP",
+                "chat_requests": len(outc["relay"]),
+                "cpu_per_chat_request_ms": round(meterc.gateway_s / max(1, len(relayed)) * 1000, 4),
+                "chat_added_p50_ms": round((pct(relayed, 50) - pct(direct, 50)) * 1000, 4),
+                "paced_streams": len(outp["relay"]),
+                "cpu_per_paced_line_us": round(meterp.gateway_s / streams / n * 1e6, 2),
+                "errors": errorsc + errorsp + bad,
+                "cpu_chat": meterc.as_dict(),
+                "cpu_paced": meterp.as_dict(),
+            }
 
     async def _embed_block(
         self, target: Target, concurrency: int, seconds: float
@@ -741,6 +785,18 @@ def table_rows(r: dict[str, Any]) -> list[dict[str, str]]:
             f"{s['gateway_cpu_per_line_net_us']:.1f}",
             f"gross {s['gateway_cpu_per_line_gross_us']:.1f}",
         )
+    for kind, f in r.get("floor", {}).items():
+        row(
+            f"floor, {kind} TCP relay (no HTTP): CPU per chat request (ms)",
+            "",
+            f"{f['cpu_per_chat_request_ms']:.3f}",
+            f"+{f['chat_added_p50_ms']:.3f} ms p50",
+        )
+        row(
+            f"floor, {kind} TCP relay (no HTTP): CPU per paced line (us)",
+            "",
+            f"{f['cpu_per_paced_line_us']:.1f}",
+        )
     if "embed" in r:
         e = r["embed"]
         levels = [k for k in e if k.isdigit()]
@@ -809,6 +865,9 @@ def total_errors_of(r: dict[str, Any]) -> int:
     total = 0
     for name, phase in r.items():
         if name == "clients" or not isinstance(phase, dict):
+            continue
+        if name == "floor":
+            total += sum(int(f.get("errors", 0)) for f in phase.values())
             continue
         total += int(phase.get("errors", 0) or 0)
         if name == "embed":
@@ -979,7 +1038,7 @@ def _alarm(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def processes(
     pin: bool, log_path: Path, embed_dims: int
-) -> Iterator[tuple[Upstream, Gateway, dict[str, Any]]]:
+) -> Iterator[tuple[Upstream, Gateway, tuple[Relay, Relay], dict[str, Any]]]:
     cpus = sorted(os.sched_getaffinity(0))
     pinned = pin and len(cpus) >= 2
     load_cpus = {cpus[0]} if pinned else None
@@ -992,9 +1051,11 @@ def processes(
         if pinned
         else f"not pinned: all three processes share CPUs {cpus}"
     )
-    upstream = gateway = None
+    upstream = gateway = relay = blocking_relay = None
     try:
         upstream = Upstream(load_cpus, embed_dims)
+        relay = Relay(upstream.port, gateway_cpus, blocking=False)
+        blocking_relay = Relay(upstream.port, gateway_cpus, blocking=True)
         gateway = Gateway(
             upstream.port,
             gateway_cpus,
@@ -1002,8 +1063,12 @@ def processes(
             {"GATEWAY_GATE_MAX_QUEUE": "2000"},
         )
         gateway.wait_ready()
-        yield upstream, gateway, {"cpu_sharing": sharing, "pinned": pinned}
+        info = {"cpu_sharing": sharing, "pinned": pinned}
+        yield upstream, gateway, (relay, blocking_relay), info
     finally:
+        for one in (relay, blocking_relay):
+            if one is not None:
+                one.stop()
         if gateway is not None:
             gateway.stop()
         if upstream is not None:
@@ -1029,7 +1094,8 @@ def run_bench(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     failure = ""
     try:
-        with processes(not args.no_pin, log_path, args.embed_dims) as (upstream, gateway, info):
+        procs = processes(not args.no_pin, log_path, args.embed_dims)
+        with procs as (upstream, gateway, relay, info):
             report.update(info)
             report["gateway_env"] = gateway.env
             report["gateway_log"] = (
@@ -1043,11 +1109,16 @@ def run_bench(args: argparse.Namespace) -> int:
                 gateway.pid,
                 upstream.pid,
             )
+            bench.relays = [
+                (Target("relay", relay[0].port), relay[0].pid, "trio"),
+                (Target("relay", relay[1].port), relay[1].pid, "blocking"),
+            ]
             bench.results = results
             phases: list[tuple[str, Callable[[], None]]] = [
                 ("warm-up", bench.warmup),
                 ("chat, non-stream, c=1", bench.chat_c1),
                 ("streams", bench.streams),
+                ("trio relay floor", bench.floor),
                 ("embed c=1/8/32", bench.embed),
                 ("/v1/chat/completions streams", bench.openai),
                 (f"{params.clients} concurrent clients", bench.clients),
@@ -1131,7 +1202,7 @@ def run_profile(args: argparse.Namespace) -> int:
     log_path = workdir / "gateway.log"
     count = 0
     try:
-        with processes(not args.no_pin, log_path, args.embed_dims) as (up, gw, info):
+        with processes(not args.no_pin, log_path, args.embed_dims) as (up, gw, _relay, info):
             bench = Bench(
                 params, Target("direct", up.port), Target("gateway", gw.port), gw.pid, up.pid
             )
