@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import socket
 import sys
 import threading
@@ -78,7 +77,6 @@ if __name__ == "__main__":
     parser.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--blocking", action="store_true", help="threads, no event loop")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         if args.blocking:
             blocking_main(args.upstream_port)
