@@ -91,12 +91,17 @@ class ChatGate:
         waiting = trio.CancelScope()
         if self.max_wait_s > 0:
             waiting.deadline = started + self.max_wait_s
-        self._waiting[ticket] = waiting
         try:
-            with waiting:
-                await self._send.send(None)
-        finally:
-            del self._waiting[ticket]
+            # A free slot is taken without a trip through the scheduler. It is free only
+            # when nobody queues: trio hands a freed slot to the first waiter at once.
+            self._send.send_nowait(None)
+        except trio.WouldBlock:
+            self._waiting[ticket] = waiting
+            try:
+                with waiting:
+                    await self._send.send(None)
+            finally:
+                del self._waiting[ticket]
         if waiting.cancelled_caught:
             if self._refusal:
                 raise ShuttingDown(self._refusal, retry_after_s=5)

@@ -19,6 +19,7 @@ import trio.testing
 import trustme
 
 from gateway.errors import BadRequest, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.h1 import client as client_module
 from gateway.h1.client import ConnectionPool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -787,3 +788,49 @@ async def test_https_silence_mid_body_is_our_timeout(
         await read_into(pool, got)
     assert got == [b"part"]
     server.release.set()
+
+
+async def test_a_body_that_is_always_ready_still_lets_other_tasks_run(
+    start_server: StartServer, make_pool: MakePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that find data waiting skip trio's scheduler; a long run of them (a large
+    download) must still yield now and then, or the rest of the gateway stalls. Here the
+    whole body is in the socket buffers before the first read (small reads, so that a
+    body that fits in the buffers takes many)."""
+    monkeypatch.setattr(client_module, "READ_BYTES", 512)
+    body = b"x" * (64 * 512)
+    sent = trio.Event()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        await peer.stream.send_all(body)
+        sent.set()
+        await peer.wait_closed()
+
+    server = await start_server(script)
+    pool = await make_pool(server.url)
+    ticks = 0
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            async with pool.request("GET", "/") as response:
+                await sent.wait()
+                nursery.start_soon(tick)  # runs only when the reading task yields
+                received = 0
+                seen = ticks
+                reads = 0
+                async for chunk in response:
+                    received += len(chunk)
+                    reads += 1
+                ran = ticks - seen
+            nursery.cancel_scope.cancel()
+    assert received == len(body)
+    assert reads >= 64
+    assert ran >= reads // 16 - 1, (ran, reads)

@@ -18,9 +18,11 @@ Connecting and waiting for a free connection are rare and use ordinary cancel sc
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import re
 import select
+import socket
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -43,6 +45,8 @@ from gateway.h1.framing import (
 )
 
 READ_BYTES = 65536
+# Reads in a row that found data waiting before one lets other tasks run.
+_STREAK = 16
 # Larger bodies are sent after the head rather than copied into one buffer with it.
 _JOIN_LIMIT = 256 * 1024
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -62,18 +66,70 @@ class _Stale(Exception):
 
 
 class _Connection:
-    """One open connection; `deadline` is that of the read it waits in (`inf` if none)."""
+    """One open connection; `deadline` is that of the read it waits in (`inf` if none).
 
-    __slots__ = ("deadline", "expired", "idle_since", "poller", "socket", "stream")
+    A plain TCP connection is driven on its socket directly (`raw`): a read or write the
+    kernel can do at once is one system call and no trip through trio's scheduler; only
+    waiting goes through trio. A TLS connection goes through its `trio.SSLStream`.
+    """
 
-    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+    __slots__ = ("deadline", "expired", "idle_since", "poller", "raw", "socket", "streak", "stream")
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream | None,
+        sock: trio.socket.SocketType | socket.socket,
+        *,
+        raw: socket.socket | None = None,
+    ) -> None:
         self.stream = stream
         self.socket = sock
+        self.raw = raw
         self.deadline = math.inf
         self.expired = False
         self.idle_since = 0.0
+        self.streak = 0  # reads in a row that did not wait
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
+
+    async def send_all(self, data: bytes) -> None:
+        raw = self.raw
+        if raw is None:
+            assert self.stream is not None
+            await self.stream.send_all(data)
+            return
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)
+        while sent < len(data):
+            await trio.lowlevel.wait_writable(raw)
+            with contextlib.suppress(BlockingIOError):
+                sent += raw.send(view[sent:])
+
+    async def receive_some(self) -> bytes:
+        raw = self.raw
+        if raw is None:
+            assert self.stream is not None
+            data = await self.stream.receive_some(READ_BYTES)
+            return data if type(data) is bytes else bytes(data)
+        if self.streak >= _STREAK:
+            # An upstream that always has more (a large download) must not keep the
+            # other tasks from running.
+            self.streak = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = raw.recv(READ_BYTES)
+            except BlockingIOError:
+                self.streak = 0
+                await trio.lowlevel.wait_readable(raw)
+                continue
+            self.streak += 1
+            return data
 
     def closed_while_idle(self) -> bool:
         """Anything to read on an idle connection (end of file, an error, stray bytes)
@@ -84,7 +140,12 @@ class _Connection:
         # Closing the socket is enough, for TLS too (no close_notify, as browsers do), and
         # it is synchronous: a cancelled caller cannot interrupt it. trio wakes any task
         # still waiting on the socket.
-        self.socket.close()
+        if self.raw is not None:
+            if self.raw.fileno() >= 0:
+                trio.lowlevel.notify_closing(self.raw)
+            self.raw.close()
+        else:
+            self.socket.close()
 
 
 class ConnectionPool:
@@ -253,7 +314,10 @@ class ConnectionPool:
             except OSError as exc:
                 raise UpstreamUnavailable(f"{self.name} is unreachable: {_reason(exc)}") from None
             if self._ssl_context is None:
-                return _Connection(tcp, tcp.socket)
+                # The socket leaves trio's stream (which is not used again) for direct use.
+                raw = socket.socket(fileno=tcp.socket.detach())
+                raw.setblocking(False)
+                return _Connection(None, raw, raw=raw)
             stream = trio.SSLStream(
                 tcp, self._ssl_context, server_hostname=self._host, https_compatible=True
             )
@@ -381,15 +445,15 @@ class Response:
         replayable = reused and self._method in ("GET", "HEAD")
         written = False
         try:
-            await conn.stream.send_all(self._head)
+            await conn.send_all(self._head)
             if self._body is not None:
-                await conn.stream.send_all(self._body)
+                await conn.send_all(self._body)
             written = True
             buffer = b""
             while True:
                 end = head_end(buffer) if buffer else -1
                 if end < 0:
-                    data = await conn.stream.receive_some(READ_BYTES)
+                    data = await conn.receive_some()
                     if not data:
                         if replayable and not received:
                             raise _Stale
@@ -504,7 +568,7 @@ class Response:
         pool = self._pool
         pool._watch(conn, trio.current_time() + pool._idle_timeout_s)
         try:
-            data = await conn.stream.receive_some(READ_BYTES)
+            data = await conn.receive_some()
         except _STREAM_ERRORS as exc:
             self._reusable = False
             if conn.expired:
@@ -514,7 +578,7 @@ class Response:
             raise UpstreamProtocol(f"{pool.name} dropped the connection: {_reason(exc)}") from None
         finally:
             conn.deadline = math.inf
-        return data if type(data) is bytes else bytes(data)
+        return data
 
     def _ended_early(self) -> UpstreamProtocol:
         self._reusable = False
