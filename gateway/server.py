@@ -103,7 +103,10 @@ async def serve_http(
 
         async def handle(sock: socket.socket, address: Any, *, secure: bool) -> None:
             with sock:
-                await serve_connection(sock, address, secure=secure)
+                try:
+                    await serve_connection(sock, address, secure=secure)
+                except Exception:  # a fault in one connection must not stop the server
+                    log.exception("a client connection failed")
 
         async def serve_connection(sock: socket.socket, address: Any, *, secure: bool) -> None:
             sock.setblocking(False)

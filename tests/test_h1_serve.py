@@ -378,3 +378,46 @@ async def test_shutdown_closes_idle_connections_at_once() -> None:
                 assert split_answers(answer)[0][2] == b"GET /a 0"
                 stop.set()
                 assert await stream.receive_some(65536) == b""
+
+
+async def test_cancel_on_disconnect_cancels_the_work_of_a_client_that_left() -> None:
+    """The `gateway.cancel_on_disconnect` extension: the app hands the server a cancel
+    scope instead of running its own watcher task; the server cancels it when the client
+    leaves mid-request, and not when the answer completes (the connection serves on)."""
+    outcome: dict[str, bool] = {}
+    registered = trio.Event()
+    done = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await read_all(receive)
+        with trio.CancelScope() as work:
+            scope["extensions"]["gateway.cancel_on_disconnect"](work)
+            if scope["path"] == "/hang":
+                registered.set()
+                await trio.sleep_forever()
+            body = b"quick"
+            headers = [(b"content-length", b"5")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            await trio.testing.wait_all_tasks_blocked()  # after the answer: no cancel
+        outcome[scope["path"]] = work.cancelled_caught
+        if scope["path"] == "/hang":
+            done.set()
+
+    async with serving(app) as (host, port, _):
+        answer = await exchange(
+            host,
+            port,
+            b"GET /quick HTTP/1.1\r\nhost: t\r\n\r\n" + CLOSE.replace(b"last", b"quick2"),
+        )
+        assert [body for _, _, body in split_answers(answer)] == [b"quick", b"quick"]
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(b"GET /hang HTTP/1.1\r\nhost: t\r\n\r\n")
+            await registered.wait()
+            await stream.aclose()
+            await done.wait()
+    assert outcome == {"/quick": False, "/quick2": False, "/hang": True}

@@ -54,6 +54,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
 RECEIVE_BYTES = 65536
+# The ASGI extension through which an app asks for a cancel scope to be cancelled when
+# its client disconnects (see `Cycle.cancel_on_disconnect`; `gateway.web.asgi` uses it).
+DISCONNECT_EXTENSION = "gateway.cancel_on_disconnect"
 # How long, and how much, a connection closed on a sending client reads and drops.
 LINGER_S = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
@@ -117,7 +120,7 @@ class Transport:
     costs one system call and no scheduler round trip; only waiting goes through trio.
     """
 
-    __slots__ = ("_sock", "_stream", "_write_timeout_s", "closed")
+    __slots__ = ("_sock", "_stream", "_write_timeout_s", "closed", "plain")
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class Transport:
         self._stream = stream
         self._write_timeout_s = write_timeout_s
         self.closed = False
+        self.plain = sock is not None
 
     async def receive(self) -> bytes:
         """The next bytes from the client; b"" at its end of stream. Raises `ClientGone`
@@ -246,6 +250,9 @@ class Connection:
         self.date = date
         self.buffer = b""
         self.closing = False  # no further request after the current one
+        self._nursery: trio.Nursery | None = None
+        self._wake: trio.Event | None = None  # set to have the watcher watch `_watched`
+        self._watched: Cycle | None = None
         self.unread = False  # the client may still be sending: linger before closing
         self._idle: trio.CancelScope | None = None
 
@@ -257,20 +264,42 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            while not self.closing:
-                head = await self._read_head()
-                if head is None:
-                    return
-                if not await self._serve(head):
-                    return
-        except ClientGone:
-            pass
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    while not self.closing:
+                        head = await self._read_head()
+                        if head is None or not await self._serve(head):
+                            break
+                except ClientGone:
+                    pass
+                nursery.cancel_scope.cancel()  # the disconnect watcher, if it started
         finally:
             try:
                 if self.unread:
                     await self.transport.linger()
             finally:
                 await self.transport.aclose()
+
+    def watch(self, cycle: Cycle) -> None:
+        """Have the connection's watcher task wait for `cycle`'s client to leave. One task
+        per connection, started on first use, instead of one per request: spawning and
+        cancelling a task costs more than the rest of a proxied request's scheduling."""
+        self._watched = cycle
+        if self._wake is None:
+            self._wake = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_disconnects)
+        self._wake.set()
+
+    async def _watch_disconnects(self) -> None:
+        while True:
+            assert self._wake is not None
+            await self._wake.wait()
+            self._wake = trio.Event()
+            cycle, self._watched = self._watched, None
+            if cycle is not None and cycle.open:
+                await cycle.wait_for_disconnect()
 
     async def _read_head(self) -> bytes | None:
         """The next request head (without its blank line), or None when the connection
@@ -327,6 +356,7 @@ class Connection:
             await self._refuse(400, f"malformed HTTP request: {exc}")
             return False
         cycle = Cycle(self, scope, fields, length, head_only=method == b"HEAD", minor=minor)
+        scope["extensions"][DISCONNECT_EXTENSION] = cycle.cancel_on_disconnect
         try:
             await self._app(scope, cycle.receive, cycle.send)
         except ClientGone:
@@ -336,6 +366,12 @@ class Connection:
             if not cycle.started:
                 await self._refuse(500, "internal error")
             return False
+        finally:
+            cycle.finish()
+            if cycle.watching is not None and not self.transport.plain:
+                # A TLS stream's read is not abandoned at once when cancelled: let the
+                # watcher's read unwind before this task reads the next request.
+                await cycle.watching.wait()
         if not cycle.complete:
             if not cycle.started and not self.transport.closed:
                 log.error("the app answered nothing to %s %s", scope["method"], scope["path"])
@@ -399,13 +435,17 @@ class Cycle:
         "_http11",
         "_left",
         "_length",
+        "_on_gone",
+        "_settled",
         "_waiting",
         "body_done",
         "complete",
+        "finished",
         "gone",
         "head_only",
         "keep_alive",
         "started",
+        "watching",
     )
 
     def __init__(
@@ -434,20 +474,63 @@ class Cycle:
         self._length: int | None = None  # the answer's Content-Length, if it set one
         self._chunked = False
         self._waiting: trio.CancelScope | None = None
+        self.watching: trio.Event | None = None  # set when a wait for a disconnect ends
+        self._on_gone: list[trio.CancelScope] = []
+        self._settled: trio.Event | None = None  # set once complete, gone or finished
         self.started = False
         self.complete = False
         self.gone = False
+        self.finished = False  # the app returned
 
     # receive ------------------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        """The answer is still to be completed, and someone is there to read it."""
+        return not (self.complete or self.gone or self.finished)
+
+    def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
+        """The `gateway.cancel_on_disconnect` ASGI extension: cancel `scope` if the client
+        leaves before the answer is complete. The app need not call `receive` for it."""
+        if self.gone:
+            scope.cancel()
+            return
+        self._on_gone.append(scope)
+        if len(self._on_gone) == 1 and self.open:
+            self._conn.watch(self)
+
+    def finish(self) -> None:
+        """The app returned: stop watching for this request's client."""
+        self.finished = True
+        self._on_gone.clear()
+        self._settle()
+
+    def _went(self) -> None:
+        self.gone = True
+        for scope in self._on_gone:
+            scope.cancel()
+        self._on_gone.clear()
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self._settled is not None:
+            self._settled.set()
 
     async def receive(self) -> Message:
         try:
             if not self._delivered and not self.gone:
                 return await self._receive_body()
-            if not self.complete and not self.gone:
-                await self._wait_for_disconnect()
+            if self._on_gone and self.open:
+                # The connection's watcher reads the socket; wait for what it finds.
+                if self._settled is None:
+                    self._settled = trio.Event()
+                await self._settled.wait()
+            elif self.open:
+                await self.wait_for_disconnect()
         except ClientGone:
-            self.gone = True
+            self._went()
         return {"type": "http.disconnect"}
 
     async def _receive_body(self) -> Message:
@@ -465,7 +548,7 @@ class Cycle:
             if not data:
                 data = await conn.transport.receive()
                 if not data:
-                    self.gone = True
+                    self._went()
                     return {"type": "http.disconnect"}
             decoder = self._decoder
             if decoder is not None:
@@ -473,8 +556,8 @@ class Cycle:
                     body = decoder.feed(data)
                 except FramingError:
                     # The body's framing is broken: nothing more can be read from here.
-                    self.gone = True
                     conn.closing = True
+                    self._went()
                     return {"type": "http.disconnect"}
                 if decoder.done:
                     conn.buffer = decoder.rest
@@ -490,20 +573,27 @@ class Cycle:
             if body:
                 return {"type": "http.request", "body": body, "more_body": True}
 
-    async def _wait_for_disconnect(self) -> None:
-        """Wait until the client leaves or the answer is complete. Bytes that arrive in
-        the meantime are the next (pipelined) request: kept, up to a head's worth."""
+    async def wait_for_disconnect(self) -> None:
+        """Wait until the client leaves (then say so to whoever asked) or the answer is
+        complete or abandoned. Bytes that arrive in the meantime are the next (pipelined)
+        request: kept, up to a head's worth."""
         conn = self._conn
         with trio.CancelScope() as waiting:
             self._waiting = waiting
-            while len(conn.buffer) <= MAX_HEAD_BYTES:
-                data = await conn.transport.receive()
-                if not data:
-                    self.gone = True
-                    return
-                conn.buffer += data
-            await trio.sleep_forever()
-        self._waiting = None
+            self.watching = unwound = trio.Event()
+            try:
+                while len(conn.buffer) <= MAX_HEAD_BYTES:
+                    data = await conn.transport.receive()
+                    if not data:
+                        self._went()
+                        return
+                    conn.buffer += data
+                await trio.sleep_forever()
+            except ClientGone:
+                self._went()
+            finally:
+                self._waiting = self.watching = None
+                unwound.set()
 
     # send ---------------------------------------------------------------------------
 
@@ -587,11 +677,12 @@ class Cycle:
             try:
                 await self._conn.transport.send(out)
             except ClientGone:
-                self.gone = True
                 self.complete = False
                 await self._conn.transport.aclose()
-        if not more and self._waiting is not None:
-            self._waiting.cancel()
+                self._went()
+                return
+        if not more:
+            self._settle()
 
 
 _ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})

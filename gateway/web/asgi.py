@@ -17,6 +17,7 @@ from gateway.errors import (
     error_body,
     error_line,
 )
+from gateway.h1.serve import DISCONNECT_EXTENSION
 from gateway.record import RequestRecord
 
 Scope = MutableMapping[str, Any]
@@ -146,10 +147,18 @@ async def until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]
 
 
 async def run_tracked(
-    drain: Drain, receive: Receive, responder: Responder, work: Callable[[], Awaitable[None]]
+    drain: Drain,
+    scope: Scope,
+    receive: Receive,
+    responder: Responder,
+    work: Callable[[], Awaitable[None]],
 ) -> None:
     """Run a request's upstream work under the drain (so shutdown can end it cleanly) and
-    the disconnect watch, and answer what it raises, as a status or in-band."""
+    the disconnect watch, and answer what it raises, as a status or in-band.
+
+    The gateway's own server watches for the disconnect itself when asked through the
+    `gateway.cancel_on_disconnect` extension (no task per request); any other ASGI
+    server gets a watcher task that reads `receive`."""
     with drain.track() as activity:
 
         async def guarded() -> None:
@@ -164,4 +173,10 @@ async def run_tracked(
             if failure is not None:
                 await responder.fail(failure)
 
-        await until_disconnect(receive, guarded)
+        cancel_on_disconnect = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        if cancel_on_disconnect is None:
+            await until_disconnect(receive, guarded)
+            return
+        with trio.CancelScope() as client:
+            cancel_on_disconnect(client)
+            await guarded()

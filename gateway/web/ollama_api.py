@@ -166,15 +166,15 @@ class OllamaProxy:
             case Kind.GENERATE:
                 model = await self._known_model(body, record)
                 self._s.gate.check_admission()
-                await self._run(receive, responder, forward.gated(model))
+                await self._run(scope, receive, responder, forward.gated(model))
             case Kind.EMBED:
                 await self._known_model(body, record)
-                await self._run(receive, responder, forward.plain)
+                await self._run(scope, receive, responder, forward.plain)
             case Kind.SHOW:
                 parse_routing(body)
-                await self._run(receive, responder, forward.plain)
+                await self._run(scope, receive, responder, forward.plain)
             case Kind.LISTING:
-                await self._run(receive, responder, forward.listing(path))
+                await self._run(scope, receive, responder, forward.listing(path))
             case Kind.MANAGE:
                 if not self._s.config.ollama.allow_management:
                     raise Forbidden(
@@ -185,9 +185,9 @@ class OllamaProxy:
                     raise BadRequest(
                         f"{path!r} is not a blob: expected /api/blobs/sha256:<64 hex digits>"
                     )
-                await self._run(receive, responder, forward.plain)
+                await self._run(scope, receive, responder, forward.plain)
             case Kind.INFO:
-                await self._run(receive, responder, forward.plain)
+                await self._run(scope, receive, responder, forward.plain)
 
     async def _known_model(self, body: bytes, record: RequestRecord) -> str:
         """The request's model, checked against the inventory (Ollama's 404 if unknown)."""
@@ -199,9 +199,13 @@ class OllamaProxy:
         return model
 
     async def _run(
-        self, receive: Receive, responder: Responder, work: Callable[[], Awaitable[None]]
+        self,
+        scope: Scope,
+        receive: Receive,
+        responder: Responder,
+        work: Callable[[], Awaitable[None]],
     ) -> None:
-        await run_tracked(self._s.drain, receive, responder, work)
+        await run_tracked(self._s.drain, scope, receive, responder, work)
 
 
 class _Forward:

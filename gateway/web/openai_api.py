@@ -179,6 +179,7 @@ class OpenAIFrontDoor:
             provider.admit()
             await run_tracked(
                 self._s.drain,
+                scope,
                 receive,
                 responder,
                 lambda: self._answer(responder, provider, model, request, body, record),
