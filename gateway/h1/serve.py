@@ -14,8 +14,10 @@ request. What it does, per connection, in one task:
 Writes go straight to the socket when the kernel takes them whole (nearly always on a
 LAN); only a client that stops reading makes a write wait, and that wait has a deadline
 (`write_timeout_s`) after which the connection is dropped and the app sees a disconnect.
-Reads of the request body and the wait for a disconnect happen inside the app's calls
-to `receive`, so no task is spawned per request.
+The request body is read inside the app's calls to `receive`. A client that leaves
+mid-request is noticed by one watcher task per connection, started the first time an
+app asks for it through the `gateway.cancel_on_disconnect` extension (or by the app's
+own `receive` call): no task is spawned per request.
 """
 
 from __future__ import annotations
