@@ -201,10 +201,13 @@ def build_request(
     port: int,
     body: bytes = b"",
     content_type: bytes = b"application/json",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
     if body or method in ("POST", "PUT"):
         head += b"Content-Type: " + content_type + b"\r\nContent-Length: %d\r\n" % len(body)
+    for name, value in headers:
+        head += name + b": " + value + b"\r\n"
     return head + b"Accept: */*\r\n\r\n" + body
 
 

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import litellm_proxy
 from bench.client import (
     AsyncConnection,
     BlockingConnection,
@@ -59,6 +60,7 @@ from bench.procs import (
 
 HOST = "127.0.0.1"
 BUDGET_S = 290  # the whole run, hard limit (the issue allows 5 minutes)
+LITELLM_BUDGET_S = 180  # more with --litellm: its start and the slow side of its phase
 CHAT_MODEL = "bench-chat"
 EMBED_MODEL = "bench-embed"
 PROMPT = [{"role": "user", "content": "Why is the sky blue? Answer in one sentence."}]
@@ -189,6 +191,7 @@ class Bench:
         self.direct = direct
         self.gateway = gateway
         self.relays: list[tuple[Target, int, str]] = []
+        self.litellm_proxy: litellm_proxy.LiteLLM | None = None
         self.gw_pid = gw_pid
         self.up_pid = up_pid
         self.results: dict[str, Any] = {}
@@ -406,6 +409,69 @@ class Bench:
                 "cpu_chat": meterc.as_dict(),
                 "cpu_paced": meterp.as_dict(),
             }
+
+    def litellm_phase(self) -> None:
+        """Non-streaming chat at c=1 on the OpenAI route: the upstream's `/api/chat`
+        directly, the gateway's `/v1/chat/completions`, and LiteLLM's, in rotation."""
+        if self.litellm_proxy is None:
+            return
+        proxy = self.litellm_proxy
+        p = self.p
+        rounds = max(60, p.openai_pairs)
+        messages = PROMPT
+        openai = body({"model": CHAT_MODEL, "messages": messages, "stream": False})
+        native = body({"model": CHAT_MODEL, "messages": messages, "stream": False})
+        bearer = ((b"Authorization", b"Bearer " + litellm_proxy.MASTER_KEY.encode()),)
+        sides = {
+            "direct": (
+                self.direct.port,
+                build_request("POST", "/api/chat", HOST, self.direct.port, native),
+            ),
+            "gateway": (
+                self.gateway.port,
+                build_request("POST", "/v1/chat/completions", HOST, self.gateway.port, openai),
+            ),
+            "litellm": (
+                proxy.port,
+                build_request(
+                    "POST", "/v1/chat/completions", HOST, proxy.port, openai, headers=bearer
+                ),
+            ),
+        }
+        conns = {name: BlockingConnection(HOST, port) for name, (port, _) in sides.items()}
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        errors = 0
+        names = list(sides)
+        try:
+            for name in names:  # warm-up
+                for _ in range(20):
+                    conns[name].request(sides[name][1])
+            g0, l0 = cpu(self.gw_pid), cpu(proxy.pid)
+            for i in range(rounds):
+                order = names[i % 3 :] + names[: i % 3]
+                for name in order:
+                    try:
+                        response = conns[name].request(sides[name][1])
+                    except (OSError, ProtocolError):
+                        errors += 1
+                        continue
+                    if response.status != 200:
+                        errors += 1
+                    times[name].append(response.elapsed)
+            g1, l1 = cpu(self.gw_pid), cpu(proxy.pid)
+        finally:
+            for conn in conns.values():
+                conn.close()
+        self.results["litellm"] = {
+            "version": litellm_proxy.VERSION,
+            "requests_each": rounds,
+            "p50_ms": {name: round(pct(v, 50) * 1000, 3) for name, v in times.items()},
+            "p99_ms": {name: round(pct(v, 99) * 1000, 3) for name, v in times.items()},
+            "gateway_cpu_per_request_ms": round((g1 - g0).precise_s / rounds * 1000, 4),
+            # LiteLLM runs threads; the process counters keep those that ended.
+            "litellm_cpu_per_request_ms": round((l1 - l0).ticks_s / rounds * 1000, 4),
+            "errors": errors,
+        }
 
     async def _embed_block(
         self, target: Target, concurrency: int, seconds: float
@@ -804,6 +870,27 @@ def table_rows(r: dict[str, Any]) -> list[dict[str, str]]:
             "",
             f"{f['cpu_per_paced_line_us']:.1f}",
         )
+    if "litellm" in r:
+        ll = r["litellm"]
+        d, g, lt = (ll["p50_ms"][k] for k in ("direct", "gateway", "litellm"))
+        row(
+            "OpenAI route, non-stream chat c=1, through the gateway: p50 (ms)",
+            f"{d:.3f}",
+            f"{g:.3f}",
+            f"+{g - d:.3f} ms ({x(d, g)})",
+        )
+        row(
+            f"same, through LiteLLM {ll['version']} proxy: p50 (ms)",
+            f"{d:.3f}",
+            f"{lt:.3f}",
+            f"+{lt - d:.3f} ms ({x(d, lt)})",
+        )
+        row(
+            "same: CPU per request, gateway / LiteLLM (ms)",
+            "",
+            f"{ll['gateway_cpu_per_request_ms']:.3f}",
+            f"LiteLLM {ll['litellm_cpu_per_request_ms']:.3f}",
+        )
     if "embed" in r:
         e = r["embed"]
         levels = [k for k in e if k.isdigit()]
@@ -1070,7 +1157,11 @@ def processes(
             {"GATEWAY_GATE_MAX_QUEUE": "2000"},
         )
         gateway.wait_ready()
-        info = {"cpu_sharing": sharing, "pinned": pinned}
+        info = {
+            "cpu_sharing": sharing,
+            "pinned": pinned,
+            "gateway_cpus": sorted(gateway_cpus) if gateway_cpus else None,
+        }
         yield upstream, gateway, (relay, blocking_relay), info
     finally:
         for one in (relay, blocking_relay):
@@ -1102,7 +1193,7 @@ def run_bench(args: argparse.Namespace) -> int:
     failure = ""
     try:
         procs = processes(not args.no_pin, log_path, args.embed_dims)
-        with procs as (upstream, gateway, relay, info):
+        with procs as (upstream, gateway, relay, info), contextlib.ExitStack() as stack:
             report.update(info)
             report["gateway_env"] = gateway.env
             report["gateway_log"] = (
@@ -1130,6 +1221,15 @@ def run_bench(args: argparse.Namespace) -> int:
                 ("/v1/chat/completions streams", bench.openai),
                 (f"{params.clients} concurrent clients", bench.clients),
             ]
+            if args.litellm_bin is not None:
+                phases.append(("LiteLLM comparison", bench.litellm_phase))
+                bench.log("bench: starting LiteLLM's proxy ...")
+                cpus = set(info["gateway_cpus"]) if info["gateway_cpus"] else None
+                proxy = litellm_proxy.LiteLLM(args.litellm_bin, upstream.port, cpus, workdir)
+                stack.callback(proxy.stop)
+                proxy.wait_ready()
+                bench.litellm_proxy = proxy
+            litellm_before = cpu(bench.litellm_proxy.pid).ticks_s if bench.litellm_proxy else 0.0
             with bench.meter() as whole:
                 for name, phase in phases:
                     t0 = time.monotonic()
@@ -1137,6 +1237,14 @@ def run_bench(args: argparse.Namespace) -> int:
                     phase()
                     bench.log(f"bench: {name} done in {time.monotonic() - t0:.1f} s")
             report["cpu_whole_run"] = whole.as_dict()
+            if bench.litellm_proxy is not None:
+                # LiteLLM's own CPU is not "other processes": say it apart.
+                spent = cpu(bench.litellm_proxy.pid).ticks_s - litellm_before
+                whole_run = report["cpu_whole_run"]
+                whole_run["litellm_cpu_s"] = round(spent, 2)
+                whole_run["other_processes_cpu_s"] = round(
+                    max(0.0, whole_run["other_processes_cpu_s"] - spent), 2
+                )
             report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             report["gateway_rss_end_mb"] = round(memory_kb(gateway.pid).get("VmRSS", 0) / 1024, 1)
             report["gateway_log_warnings"] = _count_warnings(log_path)
@@ -1322,19 +1430,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--litellm",
         action="store_true",
-        help="compare with LiteLLM in the same run: not implemented",
+        help=f"add a LiteLLM {litellm_proxy.VERSION} column (installed once, in its own venv)",
     )
     args = parser.parse_args(argv)
+    args.litellm_bin = None
     if args.litellm:
-        print("bench: --litellm is not implemented (see docs/benchmarks.md)", file=sys.stderr)
-        return 2
+        if args.profile:
+            parser.error("--litellm does not combine with --profile")
+        args.litellm_bin = litellm_proxy.ensure_installed(
+            Path(tempfile.gettempdir()) / "litellm-pip.log"
+        )
     if args.out is None:
         args.out = "bench-profile.json" if args.profile else "bench-report.json"
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     raise_nofile()
     signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(BUDGET_S)
+    signal.alarm(BUDGET_S + (LITELLM_BUDGET_S if args.litellm else 0))
     try:
         return run_profile(args) if args.profile else run_bench(args)
     finally:
