@@ -114,6 +114,8 @@ class Config(_Section, frozen=True):
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     # A client that accepts no bytes for this long is dropped, freeing the gate.
     write_timeout_s: Seconds = 30.0
+    # Idle keep-alive connections close after this; so does a request head that takes
+    # longer, and a request body that stops arriving this long gets 408.
     keep_alive_timeout_s: Seconds = 5.0
     # On SIGINT/SIGTERM, running requests get this long to finish before they are ended.
     shutdown_grace_s: SecondsOrOff = 30.0

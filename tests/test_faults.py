@@ -765,3 +765,33 @@ async def test_clients_hanging_up_right_after_their_request_leave_nothing(
                 await trio.sleep(0.001 * (n % 5))
         # Well past the keep-alive timeout: nothing may be waiting for it.
         await settle_tasks(baseline, timeout_s=gw.config.keep_alive_timeout_s + 2)
+
+
+async def test_a_request_body_that_stalls_gets_408_and_frees_everything(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    """A chat whose body stops arriving half way: after `keep_alive_timeout_s` without a
+    byte the gateway answers 408 in Ollama's shape and closes; nothing reached the
+    upstream, the gate was never taken, and the gateway serves the next request."""
+    gw = await start_gateway(make_config(ollama.url, keep_alive_timeout_s=0.5))
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(
+                b"POST /api/chat HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body[:20].encode())
+            )
+            answer = b""
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower()
+    assert "stopped arriving" in json.loads(payload)["error"]
+    assert ollama.requests_to("/api/chat") == []
+    assert gw.services.gate.figures().granted_total == 0
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        response = await client.post("/api/chat", content=body)
+    assert response.status_code == 200

@@ -36,10 +36,16 @@ async def lifespan(receive: Any, send: Any) -> None:
             return
 
 
+class Left(Exception):
+    """The client left before its body arrived."""
+
+
 async def read_all(receive: Any) -> bytes:
     body = b""
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Left
         assert message["type"] == "http.request", message
         body += message.get("body", b"")
         if not message.get("more_body"):
@@ -55,7 +61,10 @@ def echo_app(seen: Seen) -> App:
             await lifespan(receive, send)
             return
         seen.scopes.append(scope)
-        body = await read_all(receive)
+        try:
+            body = await read_all(receive)
+        except Left:
+            return
         seen.bodies.append(body)
         answer = f"{scope['method']} {scope['path']} {len(body)}".encode()
         if scope["path"] == "/chunked":
@@ -421,3 +430,34 @@ async def test_cancel_on_disconnect_cancels_the_work_of_a_client_that_left() -> 
             await stream.aclose()
             await done.wait()
     assert outcome == {"/quick": False, "/quick2": False, "/hang": True}
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_a_broken_one_400() -> None:
+    """A client that sends a head and part of its body, then nothing: after
+    `keep_alive_timeout_s` without a byte the app is told the client left and the server
+    answers 408 itself. A chunked body whose framing breaks gets 400. Both close."""
+    seen = Seen()
+    async with serving(echo_app(seen), keep_alive_timeout_s=0.3) as (host, port, _):
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(
+                    b"POST /slow HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n" + b"x" * 10
+                )
+                answer = b""
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        [(status, fields, body)] = split_answers(answer)
+        assert status == b"HTTP/1.1 408 Request Timeout"
+        assert fields[b"connection"] == b"close"
+        assert "stopped arriving" in json.loads(body)["error"]
+        answer = await exchange(
+            host,
+            port,
+            b"POST /chunks HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nabc\r\nzz\r\n",
+        )
+        [(status, fields, body)] = split_answers(answer)
+        assert status == b"HTTP/1.1 400 Bad Request"
+        assert "malformed chunked request body" in json.loads(body)["error"]
+    assert seen.bodies == []  # the app never got either body whole

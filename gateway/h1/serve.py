@@ -248,7 +248,7 @@ class Connection:
         self._client = client
         self._server = server
         self._state = state
-        self._keep_alive_timeout_s = keep_alive_timeout_s
+        self.keep_alive_timeout_s = keep_alive_timeout_s
         self.date = date
         self.buffer = b""
         self.closing = False  # no further request after the current one
@@ -311,7 +311,7 @@ class Connection:
             end = head_end(self.buffer)
             if end < 0:
                 with trio.CancelScope() as idle:
-                    idle.deadline = trio.current_time() + self._keep_alive_timeout_s
+                    idle.deadline = trio.current_time() + self.keep_alive_timeout_s
                     self._idle = idle
                     end = await self._fill_head()
                 self._idle = None
@@ -366,7 +366,7 @@ class Connection:
         except Exception:  # the app's own failure: answer it, log it, keep serving others
             log.exception("the app failed on %s %s", scope["method"], scope["path"])
             if not cycle.started:
-                await self._refuse(500, "internal error")
+                await self._refuse(*(cycle.refusal or (500, "internal error")))
             return False
         finally:
             cycle.finish()
@@ -374,6 +374,9 @@ class Connection:
                 # A TLS stream's read is not abandoned at once when cancelled: let the
                 # watcher's read unwind before this task reads the next request.
                 await cycle.watching.wait()
+        if cycle.refusal is not None and not cycle.started:
+            await self._refuse(*cycle.refusal)
+            return False
         if not cycle.complete:
             if not cycle.started and not self.transport.closed:
                 log.error("the app answered nothing to %s %s", scope["method"], scope["path"])
@@ -446,6 +449,7 @@ class Cycle:
         "gone",
         "head_only",
         "keep_alive",
+        "refusal",
         "started",
         "watching",
     )
@@ -483,6 +487,7 @@ class Cycle:
         self.complete = False
         self.gone = False
         self.finished = False  # the app returned
+        self.refusal: tuple[int, str] | None = None  # the server's own answer to send
 
     # receive ------------------------------------------------------------------------
 
@@ -548,19 +553,26 @@ class Cycle:
             data = conn.buffer
             conn.buffer = b""
             if not data:
-                data = await conn.transport.receive()
+                # A body that stalls is refused like a head that does: the client gets
+                # `keep_alive_timeout_s` between two reads, not forever.
+                with trio.move_on_after(conn.keep_alive_timeout_s):
+                    data = await conn.transport.receive()
+                    if not data:
+                        self._went()
+                        return {"type": "http.disconnect"}
                 if not data:
-                    self._went()
-                    return {"type": "http.disconnect"}
+                    return self._refused(
+                        408,
+                        "the request body stopped arriving"
+                        f" ({conn.keep_alive_timeout_s:g} s without a byte)",
+                    )
             decoder = self._decoder
             if decoder is not None:
                 try:
                     body = decoder.feed(data)
-                except FramingError:
+                except FramingError as exc:
                     # The body's framing is broken: nothing more can be read from here.
-                    conn.closing = True
-                    self._went()
-                    return {"type": "http.disconnect"}
+                    return self._refused(400, f"malformed chunked request body: {exc}")
                 if decoder.done:
                     conn.buffer = decoder.rest
                     self.body_done = self._delivered = True
@@ -574,6 +586,14 @@ class Cycle:
                     return {"type": "http.request", "body": body, "more_body": False}
             if body:
                 return {"type": "http.request", "body": body, "more_body": True}
+
+    def _refused(self, status: int, message: str) -> Message:
+        """The body cannot be read to its end: the app is told the client left, and the
+        server answers `status` itself (if the app has not started an answer) and closes."""
+        self.refusal = (status, message)
+        self._conn.closing = True
+        self._went()
+        return {"type": "http.disconnect"}
 
     async def wait_for_disconnect(self) -> None:
         """Wait until the client leaves (then say so to whoever asked) or the answer is
@@ -608,6 +628,8 @@ class Cycle:
             more = message.get("more_body", False)
             await self._write(body, more)
         elif kind == "http.response.start":
+            if self.gone:
+                return  # nobody to answer; a refusal of the server's own may still go
             if self.started:
                 raise RuntimeError("the answer has already started")
             self._head = self._encode_head(message["status"], message.get("headers", ()))
