@@ -173,7 +173,7 @@ async def run_tracked(
             if failure is not None:
                 await responder.fail(failure)
 
-        cancel_on_disconnect = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        cancel_on_disconnect = (scope.get("extensions") or {}).get(DISCONNECT_EXTENSION)
         if cancel_on_disconnect is None:
             await until_disconnect(receive, guarded)
             return
