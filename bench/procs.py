@@ -126,75 +126,64 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _spawn_announcing_port(
+    args: list[str], cpus: set[int] | None, what: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `python -m <args>`, which prints `PORT <n>` once it listens; wait for it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_preexec(cpus),
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10.0)
+    line = proc.stdout.readline().decode() if ready else ""
+    if not line.startswith("PORT "):
+        _terminate(proc)
+        raise RuntimeError(f"the {what} did not start (said {line!r})")
+    return proc, int(line.split()[1])
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> bytes:
+    """SIGTERM, up to 5 s, then SIGKILL; what it still had on stdout."""
+    if proc.poll() is not None:
+        return b""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=5)
+        return out or b""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return b""
+
+
 class Upstream:
     """`python -m bench.upstream` as a subprocess."""
 
     def __init__(self, cpus: set[int] | None, embed_dims: int) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.upstream",
-                "--port",
-                "0",
-                "--embed-dims",
-                str(embed_dims),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_preexec(cpus),
-        )
+        args = ["bench.upstream", "--port", "0", "--embed-dims", str(embed_dims)]
+        self.proc, self.port = _spawn_announcing_port(args, cpus, "upstream")
         self.pid = self.proc.pid
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"the upstream did not start (said {line!r})")
-        self.port = int(line.split()[1])
         self.stats = ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                out, _ = self.proc.communicate(timeout=5)
-                self.stats = out.decode(errors="replace").strip()
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.stats = _terminate(self.proc).decode(errors="replace").strip()
 
 
 class Relay:
     """`python -m bench.relay` as a subprocess: the trio floor (bytes piped, no HTTP)."""
 
     def __init__(self, upstream_port: int, cpus: set[int] | None, *, blocking: bool) -> None:
-        mode = ["--blocking"] if blocking else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.relay", "--upstream-port", str(upstream_port), *mode],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_preexec(cpus),
-        )
+        args = ["bench.relay", "--upstream-port", str(upstream_port)]
+        args += ["--blocking"] if blocking else []
+        self.proc, self.port = _spawn_announcing_port(args, cpus, "relay")
         self.pid = self.proc.pid
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10.0)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"the relay did not start (said {line!r})")
-        self.port = int(line.split()[1])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
 
 
 class Gateway:
@@ -206,7 +195,10 @@ class Gateway:
         cpus: set[int] | None,
         log_path: Path,
         extra_env: dict[str, str],
+        *,
+        tree: Path = ROOT,
     ) -> None:
+        """`tree` is the source tree whose `gateway` runs (`bench.ab` runs other builds)."""
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(
@@ -217,12 +209,14 @@ class Gateway:
         )
         env.update(extra_env)
         self.env = {k: v for k, v in env.items() if k.startswith("GATEWAY_")}
+        if tree != ROOT:
+            env["PYTHONPATH"] = str(tree)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "gateway", "serve"]
         self.proc = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=tree,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

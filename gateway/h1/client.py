@@ -34,6 +34,8 @@ import trio
 from gateway.errors import BadRequest, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
 from gateway.h1.framing import (
     CHUNKED,
+    NO_BODY_STATUSES,
+    TOKEN,
     ChunkedDecoder,
     FramingError,
     Headers,
@@ -49,12 +51,10 @@ READ_BYTES = 65536
 _STREAK = 16
 # Larger bodies are sent after the head rather than copied into one buffer with it.
 _JOIN_LIMIT = 256 * 1024
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET = re.compile(rb"/[^\x00-\x20\x7f]*")
 # Framing is the pool's to write; a caller's copy could disagree with it.
 _RESERVED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_NO_BODY_STATUS = frozenset({204, 304})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 # Body framing of an answer.
@@ -239,9 +239,13 @@ class ConnectionPool:
 
     def _watch(self, conn: _Connection, deadline: float) -> None:
         conn.deadline = deadline
-        if deadline < self._next_check:
-            self._next_check = deadline
-            self._sleep.deadline = deadline
+        self._check_by(deadline)
+
+    def _check_by(self, when: float) -> None:
+        """Have the watchdog look again at `when` at the latest."""
+        if when < self._next_check:
+            self._next_check = when
+            self._sleep.deadline = when
 
     # Connections ---------------------------------------------------------------------
 
@@ -269,7 +273,7 @@ class ConnectionPool:
             path = quote(path, safe="/:?#[]@!$&'()*+,;=%~")
         target = self._prefix + path.encode("ascii")
         verb = method.encode("ascii")
-        if _TARGET.fullmatch(target) is None or _TOKEN.fullmatch(verb) is None:
+        if _TARGET.fullmatch(target) is None or TOKEN.fullmatch(verb) is None:
             raise ValueError(f"cannot send {method} {path[:80]!r}")
         parts = [verb, b" ", target, b" HTTP/1.1\r\n", self._fixed]
         for key, value in headers:
@@ -339,10 +343,7 @@ class ConnectionPool:
             return
         now = conn.idle_since = trio.current_time()
         self._idle.append(conn)
-        expires = now + self._keepalive_expiry_s
-        if expires < self._next_check:
-            self._next_check = expires
-            self._sleep.deadline = expires
+        self._check_by(now + self._keepalive_expiry_s)
 
     async def aclose(self) -> None:
         """Close the idle connections now, busy ones when their answer is done."""
@@ -484,7 +485,7 @@ class Response:
         self.status = status
         self.headers = fields
         self._reusable = minor == 1 and not has_token(fields, b"connection", b"close")
-        if self._method == "HEAD" or status in _NO_BODY_STATUS:
+        if self._method == "HEAD" or status in NO_BODY_STATUSES:
             self._done = True
             self._reusable = self._reusable and not buffer
             return
@@ -613,7 +614,7 @@ class Response:
 
 
 def _check_field(name: bytes, value: bytes) -> None:
-    if _TOKEN.fullmatch(name) is None or not valid_value(value):
+    if TOKEN.fullmatch(name) is None or not valid_value(value):
         raise BadRequest(f"the header {bytes(name[:40])!r} cannot be sent upstream as it is")
 
 

@@ -23,6 +23,10 @@ _FIELD = re.compile(
     rb"(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)[ \t]*"
 )
 _VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+# A method or a field name.
+TOKEN = re.compile(_TOKEN)
+# Answers that never have a body, whatever their head says (besides 1xx).
+NO_BODY_STATUSES = frozenset({204, 304})
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00-\x20\x7f]+) HTTP/1\.([01])")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [^\x00-\x08\x0a-\x1f\x7f]*)?")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")

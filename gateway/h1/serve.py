@@ -38,6 +38,7 @@ from gateway.errors import error_body
 from gateway.h1.framing import (
     CHUNKED,
     MAX_HEAD_BYTES,
+    NO_BODY_STATUSES,
     ChunkedDecoder,
     FramingError,
     Headers,
@@ -62,7 +63,6 @@ DISCONNECT_EXTENSION = "gateway.cancel_on_disconnect"
 # How long, and how much, a connection closed on a sending client reads and drops.
 LINGER_S = 2.0
 LINGER_BYTES = 64 * 1024 * 1024
-_NO_BODY_STATUSES = frozenset({204, 304})
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -122,7 +122,7 @@ class Transport:
     costs one system call and no scheduler round trip; only waiting goes through trio.
     """
 
-    __slots__ = ("_sock", "_stream", "_write_timeout_s", "closed", "plain")
+    __slots__ = ("_sock", "_stream", "_write_timeout_s", "closed")
 
     def __init__(
         self,
@@ -135,7 +135,11 @@ class Transport:
         self._stream = stream
         self._write_timeout_s = write_timeout_s
         self.closed = False
-        self.plain = sock is not None
+
+    @property
+    def plain(self) -> bool:
+        """A plain socket, used directly (not a TLS stream)."""
+        return self._sock is not None
 
     async def receive(self) -> bytes:
         """The next bytes from the client; b"" at its end of stream. Raises `ClientGone`
@@ -657,7 +661,7 @@ class Cycle:
                 raise RuntimeError(f"header {name!r} has a value that cannot be sent")
             lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"date: %s\r\n" % conn.date.value())
-        no_body = status in _NO_BODY_STATUSES or status < 200
+        no_body = status in NO_BODY_STATUSES or status < 200
         if length is not None:
             lines.append(b"content-length: %d\r\n" % length)
             self._length = length
