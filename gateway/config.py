@@ -109,6 +109,23 @@ class TlsConfig(_Section, frozen=True):
         return bool(self.certfile)
 
 
+Priority = Literal["interactive", "normal", "batch"]
+
+
+class ClientConfig(_Section, frozen=True):
+    """Settings of one client, keyed by its name: an inbound token's name when auth is on,
+    else the client's address (`RequestRecord.who`)."""
+
+    # The scheduler serves a waiting "interactive" request before "normal", "normal"
+    # before "batch".
+    priority: Priority = "normal"
+    # Share of GPU time among the clients of one priority.
+    weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    # Optional daily caps on cloud use, per provider; 0 is no cap.
+    cloud_tokens_per_day: Count = 0
+    cloud_requests_per_day: Count = 0
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -126,9 +143,17 @@ class Config(_Section, frozen=True):
     providers: ProvidersConfig = msgspec.field(default_factory=ProvidersConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
+
+    def client(self, name: str) -> ClientConfig:
+        """A client's settings; one not configured gets the defaults."""
+        return self.clients.get(name) or _DEFAULT_CLIENT
 
     def bind_host_port(self) -> tuple[str, int]:
         return parse_bind(self.bind)
+
+
+_DEFAULT_CLIENT = ClientConfig()
 
 
 def parse_bind(bind: str) -> tuple[str, int]:

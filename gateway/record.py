@@ -42,6 +42,15 @@ class RequestRecord:
     bytes_out: int = 0
     error: str = ""
 
+    @property
+    def who(self) -> str:
+        """The client as scheduling and usage know it: the inbound token's name when auth
+        is on, else the client's address without its port."""
+        if self.client_name:
+            return self.client_name
+        host, _, _ = self.client.rpartition(":")
+        return host or self.client
+
     def overhead_s(self) -> float:
         """Time spent in the gateway itself up to the response start, excluding the gate
         queue and the upstream's own answer time."""

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main, render_config
-from gateway.config import Config, ConfigError, load
+from gateway.config import Config, ConfigError, from_mapping, load
+from gateway.record import RequestRecord
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -167,3 +168,22 @@ def test_the_example_config_lists_every_key_at_its_default() -> None:
     import msgspec
 
     assert keys(written) == keys(msgspec.to_builtins(load(None, {})))
+
+
+def test_clients_table_keyed_by_name_with_defaults_for_the_rest() -> None:
+    config = from_mapping({"clients": {"alice": {"priority": "interactive", "weight": 2.0}}})
+    assert config.client("alice").priority == "interactive"
+    assert config.client("alice").weight == 2.0
+    assert config.client("bob").priority == "normal"
+    with pytest.raises(ConfigError, match="prio"):
+        from_mapping({"clients": {"alice": {"prio": "high"}}})
+    with pytest.raises(ConfigError):
+        from_mapping({"clients": {"alice": {"priority": "urgent"}}})
+
+
+def test_record_who_is_the_token_name_else_the_address() -> None:
+    record = RequestRecord("id", "POST", "/api/chat", "10.0.0.7:51234", 0.0)
+    assert record.who == "10.0.0.7"
+    record.client_name = "alice"
+    assert record.who == "alice"
+    assert RequestRecord("id", "POST", "/", "::1:5", 0.0).who == "::1"
