@@ -32,6 +32,7 @@ class RequestRecord:
     provider: str = ""
     status: int = 0
     gate_wait_s: float | None = None
+    gpu_s: float | None = None  # time this request held the GPU host's gate (local generation)
     upstream_headers_s: float | None = None  # request sent -> upstream answer headers
     upstream_s: float | None = None  # request sent -> upstream answer complete
     response_started: float | None = None
@@ -91,6 +92,7 @@ class RequestRecord:
             "client": self.client,
             "client_name": self.client_name or None,
             "gate_wait_ms": ms(self.gate_wait_s),
+            "gpu_ms": ms(self.gpu_s),
             "ttfb_ms": ms(first_byte),
             "total_ms": ms(now - self.started),
             "tokens_in": self.tokens_in,

@@ -30,6 +30,7 @@ FIELDS = {
     "client",
     "client_name",
     "gate_wait_ms",
+    "gpu_ms",
     "ttfb_ms",
     "total_ms",
     "tokens_in",
@@ -109,6 +110,7 @@ async def test_one_record_per_request_with_every_field(
     assert fields["client_name"] is None
     assert fields["error"] is None
     assert 0 <= fields["gate_wait_ms"] <= fields["ttfb_ms"] <= fields["total_ms"]
+    assert 0 < fields["gpu_ms"] <= fields["total_ms"]
 
 
 async def test_every_request_gets_exactly_one_record(

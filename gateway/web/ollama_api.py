@@ -250,7 +250,11 @@ class _Forward:
         async def run() -> None:
             async with self._s.gate.hold(model) as waited:
                 self._record.gate_wait_s = waited
-                await self.plain()
+                granted = trio.current_time()
+                try:
+                    await self.plain()
+                finally:
+                    self._record.gpu_s = trio.current_time() - granted
 
         return run
 
