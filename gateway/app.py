@@ -105,6 +105,7 @@ async def serve(
                     drain=services.drain,
                     grace_s=config.shutdown_grace_s,
                     write_timeout_s=config.write_timeout_s,
+                    request_body_timeout_s=config.request_body_timeout_s,
                     shutdown_trigger=shutdown_trigger or trio.sleep_forever,
                     task_status=task_status,
                 )

@@ -134,6 +134,8 @@ class Config(_Section, frozen=True):
     # Idle keep-alive connections close after this; so does a request head that takes
     # longer, and a request body that stops arriving this long gets 408.
     keep_alive_timeout_s: Seconds = 5.0
+    # A request body must arrive whole within this long of its head, else 408.
+    request_body_timeout_s: Seconds = 60.0
     # On SIGINT/SIGTERM, running requests get this long to finish before they are ended.
     shutdown_grace_s: SecondsOrOff = 30.0
     # "auto": JSON lines when stderr is not a terminal, readable text when it is.

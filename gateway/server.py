@@ -29,7 +29,13 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from gateway.drain import Drain
-from gateway.h1.serve import Connection, DateHeader, Transport, accept_loop
+from gateway.h1.serve import (
+    REQUEST_BODY_TIMEOUT_S,
+    Connection,
+    DateHeader,
+    Transport,
+    accept_loop,
+)
 
 log = logging.getLogger("gateway.server")
 
@@ -75,6 +81,7 @@ async def serve_http(
     drain: Drain,
     grace_s: float,
     write_timeout_s: float,
+    request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -130,6 +137,7 @@ async def serve_http(
                 server=_address(sock.getsockname()),
                 state=lifespan_state,
                 keep_alive_timeout_s=config.keep_alive_timeout,
+                request_body_timeout_s=request_body_timeout_s,
                 date=date,
             )
             connections.add(connection)

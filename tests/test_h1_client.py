@@ -331,22 +331,34 @@ async def test_interim_answers_are_skipped(start_server: StartServer, make_pool:
 @pytest.mark.parametrize(
     ("answer", "says"),
     [
-        (b"HTTP/1.1 2000 OK\r\n\r\n", "malformed status line"),
-        (b"HTTP/2 200 OK\r\n\r\n", "malformed status line"),
-        (b"ICY 200 OK\r\n\r\n", "malformed status line"),
-        (b"HTTP/1.1 200 OK\r\nX: a\rInjected: 1\r\nContent-Length: 0\r\n\r\n", "header line"),
-        (b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 0\r\n\r\n", "header line"),
-        (b"HTTP/1.1 200 OK\r\nNo Colon\r\n\r\n", "header line"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", "conflicting"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "Invalid response status"),
+        (b"HTTP/2 200 OK\r\n\r\n", "Expected dot"),
+        (b"ICY 200 OK\r\n\r\n", "status line starts with"),
+        (
+            b"HTTP/1.1 200 OK\r\nX: a\rInjected: 1\r\nContent-Length: 0\r\n\r\n",
+            "Missing expected LF",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 0\r\n\r\n",
+            "whitespace after header",
+        ),
+        (b"HTTP/1.1 200 OK\r\nNo Colon\r\n\r\n", "Invalid header token"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+            "Duplicate Content-Length",
+        ),
         (
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
-            "both Content-Length and Transfer-Encoding",
+            "Transfer-Encoding can't be present with Content-Length",
         ),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "not a number"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Invalid character in Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokk\r\n", "longer"),
-        (b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70_000 + b"\r\n\r\n", "longer than 65536"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokk\r\n",
+            "Expected LF after chunk data",
+        ),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70_000 + b"\r\n\r\n", "over 65536 bytes"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
     ],
 )

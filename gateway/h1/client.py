@@ -32,19 +32,8 @@ from urllib.parse import quote, unquote, urlsplit
 import trio
 
 from gateway.errors import BadRequest, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
-from gateway.h1.framing import (
-    CHUNKED,
-    NO_BODY_STATUSES,
-    TOKEN,
-    ChunkedDecoder,
-    FramingError,
-    Headers,
-    body_length,
-    has_token,
-    head_end,
-    parse_response_head,
-    valid_value,
-)
+from gateway.h1.framing import TOKEN, Headers, valid_value
+from gateway.h1.response_parser import FramingError, ResponseParser
 
 READ_BYTES = 65536
 # Reads in a row that found data waiting before one lets other tasks run.
@@ -56,9 +45,8 @@ _TARGET = re.compile(rb"/[^\x00-\x20\x7f]*")
 _RESERVED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-# Body framing of an answer.
-_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
+# What `Response.read` buffers at most, unless the pool says otherwise.
+MAX_READ_BYTES = 64 * 1024 * 1024
 
 
 class _Stale(Exception):
@@ -169,6 +157,7 @@ class ConnectionPool:
         keepalive_expiry_s: float = 30.0,
         default_headers: Sequence[tuple[bytes, bytes]] = (),
         ssl_context: ssl.SSLContext | None = None,
+        max_read_bytes: int = MAX_READ_BYTES,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -196,6 +185,7 @@ class ConnectionPool:
             fixed += [key, b": ", value, b"\r\n"]
         self._fixed = b"".join(fixed)
         self._connect_timeout_s = connect_timeout_s
+        self.max_read_bytes = max_read_bytes
         self._idle_timeout_s = idle_timeout_s
         self._keepalive_expiry_s = keepalive_expiry_s
         self._slots = trio.Semaphore(max_connections)
@@ -366,21 +356,17 @@ class ConnectionPool:
 
 class Response:
     """One exchange: entering it sends the request and reads the head (`status`,
-    `headers` as lowercased names with their values); iterating it yields the body as it
-    arrives. On exit the connection is kept if the body was read to its end and the
-    answer allows it, otherwise closed."""
+    `headers` as lowercased names with their values, hop-by-hop fields removed);
+    iterating it yields the body as it arrives. On exit the connection is kept if the
+    body was read to its end and the answer allows it, otherwise closed."""
 
     __slots__ = (
         "_body",
         "_conn",
-        "_decoder",
-        "_done",
         "_first_byte_timeout_s",
         "_head",
-        "_left",
         "_method",
-        "_mode",
-        "_pending",
+        "_parser",
         "_pool",
         "_reusable",
         "_slot",
@@ -404,14 +390,15 @@ class Response:
         self._body = body if body is not None and len(body) > _JOIN_LIMIT else None
         self._conn: _Connection | None = None
         self._slot = False
-        self._decoder: ChunkedDecoder | None = None
-        self._pending = b""
-        self._done = False
+        self._parser = ResponseParser(head_only=method == "HEAD")
         self._reusable = False
-        self._left = 0
-        self._mode = _LENGTH
         self.status = 0
         self.headers: Headers = []
+
+    @property
+    def length(self) -> int | None:
+        """The body length the answer declared; None when chunked or until close."""
+        return self._parser.length
 
     async def __aenter__(self) -> Response:
         pool = self._pool
@@ -426,6 +413,7 @@ class Response:
                     return self
                 except _Stale:
                     self._conn = None
+                    self._parser = ResponseParser(head_only=self._method == "HEAD")
                     pool._release(conn, reusable=False)
             await self._exchange(await pool._connect(), deadline, reused=False)
             return self
@@ -435,6 +423,7 @@ class Response:
 
     async def _exchange(self, conn: _Connection, deadline: float, *, reused: bool) -> None:
         pool = self._pool
+        parser = self._parser
         self._conn = conn
         pool._busy.add(conn)
         pool._watch(conn, deadline)
@@ -450,26 +439,16 @@ class Response:
             if self._body is not None:
                 await conn.send_all(self._body)
             written = True
-            buffer = b""
-            while True:
-                end = head_end(buffer) if buffer else -1
-                if end < 0:
-                    data = await conn.receive_some()
-                    if not data:
-                        if replayable and not received:
-                            raise _Stale
-                        raise UpstreamProtocol(
-                            f"{pool.name} dropped the connection: it closed before answering"
-                        )
-                    received = True
-                    buffer = buffer + data if buffer else bytes(data)
-                    continue
-                status, minor, fields = parse_response_head(buffer[: end - 4])
-                buffer = buffer[end:]
-                if status >= 200:
-                    break
-                if status == 101:
-                    raise UpstreamProtocol(f"{pool.name} switched protocols unasked")
+            while not parser.head_done:
+                data = await conn.receive_some()
+                if not data:
+                    if replayable and not received:
+                        raise _Stale
+                    raise UpstreamProtocol(
+                        f"{pool.name} dropped the connection: it closed before answering"
+                    )
+                received = True
+                parser.feed(data)
         except _STREAM_ERRORS as exc:
             if conn.expired:
                 raise UpstreamTimeout(
@@ -482,30 +461,9 @@ class Response:
             raise UpstreamProtocol(f"{pool.name} sent a malformed answer: {exc}") from None
         finally:
             conn.deadline = math.inf
-        self.status = status
-        self.headers = fields
-        self._reusable = minor == 1 and not has_token(fields, b"connection", b"close")
-        if self._method == "HEAD" or status in NO_BODY_STATUSES:
-            self._done = True
-            self._reusable = self._reusable and not buffer
-            return
-        try:
-            length = body_length(fields)
-        except FramingError as exc:
-            raise UpstreamProtocol(f"{pool.name} sent a malformed answer: {exc}") from None
-        if length == CHUNKED:
-            self._mode = _CHUNKED
-            self._decoder = ChunkedDecoder()
-        elif length is None:
-            self._mode = _UNTIL_CLOSE
-            self._reusable = False
-        else:
-            self._left = length
-            if length == 0:
-                self._done = True
-                self._reusable = self._reusable and not buffer
-                return
-        self._pending = buffer
+        self.status = parser.status
+        self.headers = parser.headers
+        self._reusable = parser.keep_alive
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lowercase), or None."""
@@ -518,49 +476,28 @@ class Response:
         return self
 
     async def __anext__(self) -> bytes:
-        while not self._done:
-            data = self._pending
-            if data:
-                self._pending = b""
-            else:
-                data = await self._receive()
-            mode = self._mode
-            if mode == _LENGTH:
-                if not data:
-                    raise self._ended_early()
-                left = self._left - len(data)
-                if left <= 0:
-                    self._done = True
-                    if left < 0:  # more than the answer: the connection is out of step
-                        data = data[: self._left]
-                        self._reusable = False
-                    left = 0
-                self._left = left
-                return data
-            if mode == _CHUNKED:
-                if not data:
-                    raise self._ended_early()
-                decoder = self._decoder
-                assert decoder is not None
-                try:
-                    payload = decoder.feed(data)
-                except FramingError as exc:
-                    self._reusable = False
-                    raise UpstreamProtocol(
-                        f"{self._pool.name} sent a malformed answer: {exc}"
-                    ) from None
-                if decoder.done:
-                    self._done = True
-                    if decoder.rest:
-                        self._reusable = False
-                if payload:
-                    return payload
-                continue
-            if not data:  # read until close: the end of the body
-                self._done = True
-                break
-            return data
-        raise StopAsyncIteration
+        parser = self._parser
+        while True:
+            if parser.pieces:
+                return parser.take()
+            if parser.done:
+                raise StopAsyncIteration
+            data = await self._receive()
+            if not data:
+                if parser.until_close:  # the end of the connection ends the body
+                    parser.done = True
+                    continue
+                self._reusable = False
+                raise UpstreamProtocol(
+                    f"{self._pool.name} dropped the connection: the answer ended before its end"
+                )
+            try:
+                parser.feed(data)
+            except FramingError as exc:
+                self._reusable = False
+                raise UpstreamProtocol(
+                    f"{self._pool.name} sent a malformed answer: {exc}"
+                ) from None
 
     async def _receive(self) -> bytes:
         conn = self._conn
@@ -581,15 +518,23 @@ class Response:
             conn.deadline = math.inf
         return data
 
-    def _ended_early(self) -> UpstreamProtocol:
-        self._reusable = False
-        return UpstreamProtocol(
-            f"{self._pool.name} dropped the connection: the answer ended before its end"
-        )
-
     async def read(self) -> bytes:
-        """The rest of the body, whole."""
-        return b"".join([chunk async for chunk in self])
+        """The rest of the body, whole; an answer over the pool's `max_read_bytes` is
+        refused (`UpstreamProtocol`) without being buffered: as soon as its declared
+        length says so, or when what came exceeds it."""
+        limit = self._pool.max_read_bytes
+        if self._parser.length is not None and self._parser.length > limit:
+            self._reusable = False
+            raise UpstreamProtocol(f"{self._pool.name} sent an answer over {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                self._reusable = False
+                raise UpstreamProtocol(f"{self._pool.name} sent an answer over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     async def aclose(self) -> None:
         """Give the connection back (or close it) now; exiting does the same."""
@@ -599,7 +544,11 @@ class Response:
     def _finish(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            self._pool._release(conn, self._done and self._reusable)
+            parser = self._parser
+            # Body bytes the caller did not take (even if they all came) close the
+            # connection too: the caller gave up on this answer.
+            reusable = parser.done and not parser.pieces and not parser.extra
+            self._pool._release(conn, reusable and self._reusable)
         if self._slot:
             self._slot = False
             self._pool._slots.release()

@@ -1,33 +1,40 @@
 """The server side of HTTP/1.1: one client connection, its requests in order, each run
 through the ASGI app.
 
-This replaces hypercorn's h11 protocol stack on the request path (ADR 0014): that stack
-alone cost 1.05 ms of CPU per request here, more than the whole budget of a proxied
-request. What it does, per connection, in one task:
+This replaces hypercorn's h11 protocol stack on the request path (ADR 0014: that stack
+alone cost 1.05 ms of CPU per request here). Requests are parsed by llhttp
+(`request_parser`, ADR 0016). Each connection has two tasks, and only one of them ever
+reads the socket:
 
-- read a request head (bounded, within `keep_alive_timeout_s` of the previous answer),
-- call the app with an ASGI scope, `receive` and `send`,
-- frame the answer (Content-Length as given, else chunked; HTTP/1.0 is close-delimited),
-  writing the head together with the first body bytes, as ASGI allows,
-- keep the connection for the next request, or close it.
+- the reader (`Connection._read`) reads, feeds the parser, and queues its events (heads,
+  body pieces, ends, refusals). It stays waiting on the socket while a request is served,
+  so a client that leaves is seen at once: the current request's cancel scopes (the
+  `gateway.cancel_on_disconnect` ASGI extension) are cancelled, with no task spawned or
+  cancelled per request. It stops reading when its queue is full (pipelined requests,
+  a body the app reads slowly), and while idle it keeps the keep-alive deadline;
+- the connection task (`Connection._serve_all`) takes the events in order, calls the app
+  with `receive` (which hands out the queued body, with a deadline per wait and one for
+  the whole body) and `send`, frames the answer (Content-Length as given, else chunked;
+  HTTP/1.0 is close-delimited), writing the head together with the first body bytes.
 
 Writes go straight to the socket when the kernel takes them whole (nearly always on a
 LAN); only a client that stops reading makes a write wait, and that wait has a deadline
 (`write_timeout_s`) after which the connection is dropped and the app sees a disconnect.
-The request body is read inside the app's calls to `receive`. A client that leaves
-mid-request is noticed by one watcher task per connection, started the first time an
-app asks for it through the `gateway.cancel_on_disconnect` extension (or by the app's
-own `receive` call): no task is spawned per request.
+
+A client that closes its side after a complete request (and did not ask to close) has
+left: its request is cancelled and logged as 499 by the app; nothing is written and
+nothing is logged as an error. A request that asks for `Connection: close` (or HTTP/1.0
+without keep-alive) is the connection's last: the socket is not read after it, so such a
+client may half-close and still get its answer.
 """
 
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import errno
 import logging
+import math
 import socket
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
@@ -35,19 +42,18 @@ from urllib.parse import unquote
 import trio
 
 from gateway.errors import error_body
-from gateway.h1.framing import (
-    CHUNKED,
-    MAX_HEAD_BYTES,
-    NO_BODY_STATUSES,
-    ChunkedDecoder,
-    FramingError,
-    Headers,
-    body_length,
-    has_token,
-    head_end,
-    parse_request_head,
-    valid_value,
-)
+from gateway.h1.framing import NO_BODY_STATUSES, valid_value
+from gateway.h1.request_parser import END, Event, Head, Refusal, RequestParser
+from gateway.h1.transport import ClientGone, DateHeader, Transport
+
+__all__ = [
+    "DISCONNECT_EXTENSION",
+    "REQUEST_BODY_TIMEOUT_S",
+    "Connection",
+    "DateHeader",
+    "Transport",
+    "accept_loop",
+]
 
 log = logging.getLogger("gateway.server")
 
@@ -56,13 +62,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 
-RECEIVE_BYTES = 65536
 # The ASGI extension through which an app asks for a cancel scope to be cancelled when
 # its client disconnects (see `Cycle.cancel_on_disconnect`; `gateway.web.asgi` uses it).
 DISCONNECT_EXTENSION = "gateway.cancel_on_disconnect"
-# How long, and how much, a connection closed on a sending client reads and drops.
-LINGER_S = 2.0
-LINGER_BYTES = 64 * 1024 * 1024
+# The reader waits when this much is queued and not yet taken by the connection task.
+MAX_QUEUED_EVENTS = 64
+MAX_QUEUED_BODY = 256 * 1024
+# The default overall deadline for a request body (`request_body_timeout_s`).
+REQUEST_BODY_TIMEOUT_S = 60.0
 _REASONS = {
     200: b"OK",
     201: b"Created",
@@ -86,149 +93,14 @@ _REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 _STATUS_LINES = {
     status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
-
-
-class ClientGone(Exception):
-    """The client closed or reset the connection, or stopped reading for too long."""
-
-
-class DateHeader:
-    """The Date header value, formatted once per second."""
-
-    __slots__ = ("_second", "_value")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._value = b""
-
-    def value(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._value = email.utils.formatdate(now, usegmt=True).encode()
-        return self._value
-
-
-class Transport:
-    """A connection's byte stream: a plain socket used directly, or any trio stream (TLS).
-
-    The plain case skips trio's stream layers: a read or write the kernel can do at once
-    costs one system call and no scheduler round trip; only waiting goes through trio.
-    """
-
-    __slots__ = ("_sock", "_stream", "_write_timeout_s", "closed")
-
-    def __init__(
-        self,
-        *,
-        write_timeout_s: float,
-        sock: socket.socket | None = None,
-        stream: trio.abc.Stream | None = None,
-    ) -> None:
-        self._sock = sock
-        self._stream = stream
-        self._write_timeout_s = write_timeout_s
-        self.closed = False
-
-    @property
-    def plain(self) -> bool:
-        """A plain socket, used directly (not a TLS stream)."""
-        return self._sock is not None
-
-    async def receive(self) -> bytes:
-        """The next bytes from the client; b"" at its end of stream. Raises `ClientGone`
-        on a reset. Waits (a checkpoint) only when nothing is there yet."""
-        sock = self._sock
-        if sock is None:
-            assert self._stream is not None
-            try:
-                return bytes(await self._stream.receive_some(RECEIVE_BYTES))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone from exc
-        while True:
-            try:
-                return sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise ClientGone from exc
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError as exc:  # closed by the write deadline
-                raise ClientGone from exc
-
-    async def send(self, data: bytes) -> None:
-        """Write all of `data`, or raise `ClientGone`. Shielded from the caller's
-        cancellation (half a chunk would corrupt the framing) but not from the write
-        deadline."""
-        if self.closed:
-            raise ClientGone
-        sock = self._sock
-        sent = 0
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise ClientGone from exc
-            if sent == len(data):
-                return
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self._write_timeout_s
-            try:
-                if sock is None:
-                    assert self._stream is not None
-                    await self._stream.send_all(data)
-                else:
-                    view = memoryview(data)[sent:]
-                    while view:
-                        await trio.lowlevel.wait_writable(sock)
-                        with contextlib.suppress(BlockingIOError):
-                            view = view[sock.send(view) :]
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ClientGone from exc
-        if scope.cancelled_caught:
-            log.warning("dropped a client that read nothing for %g s", self._write_timeout_s)
-            await self.aclose()
-            raise ClientGone
-
-    async def linger(self) -> None:
-        """Before closing on a client that may still be sending (a refused body): stop
-        writing, then read and drop what comes for a while. Closing with unread bytes
-        makes the kernel send a reset, which can destroy the answer before it is read."""
-        if self.closed or self._sock is None:
-            return
-        sock = self._sock
-        with trio.move_on_after(LINGER_S):
-            try:
-                sock.shutdown(socket.SHUT_WR)
-                dropped = 0
-                while dropped < LINGER_BYTES:
-                    data = await self.receive()
-                    if not data:
-                        break
-                    dropped += len(data)
-            except (OSError, ClientGone):
-                pass
-
-    async def aclose(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with trio.CancelScope(shield=True):
-            if self._sock is not None:
-                trio.lowlevel.notify_closing(self._sock)
-                self._sock.close()
-            else:
-                assert self._stream is not None
-                await self._stream.aclose()
+_DISCONNECT: Message = {"type": "http.disconnect"}
 
 
 class Connection:
@@ -245,6 +117,7 @@ class Connection:
         state: dict[str, Any],
         keep_alive_timeout_s: float,
         date: DateHeader,
+        request_body_timeout_s: float = REQUEST_BODY_TIMEOUT_S,
     ) -> None:
         self.transport = transport
         self._app = app
@@ -253,94 +126,125 @@ class Connection:
         self._server = server
         self._state = state
         self.keep_alive_timeout_s = keep_alive_timeout_s
+        self.request_body_timeout_s = request_body_timeout_s
         self.date = date
-        self.buffer = b""
+        self.parser = RequestParser()
+        self.ended = False  # the reader has stopped: no more events will come
+        self.left = False  # the client closed or reset its connection
         self.closing = False  # no further request after the current one
-        self._nursery: trio.Nursery | None = None
-        self._wake: trio.Event | None = None  # set to have the watcher watch `_watched`
-        self._watched: Cycle | None = None
         self.unread = False  # the client may still be sending: linger before closing
-        self._idle: trio.CancelScope | None = None
+        self.cycle: Cycle | None = None  # the request being served
+        self._arrived: trio.Event | None = None  # the connection task waits for events
+        self._drained: trio.Event | None = None  # the reader waits for room in the queue
+        # The reader's scope; while the connection is idle, its deadline is the
+        # keep-alive timeout.
+        self._reading = trio.CancelScope()
+        self._idle = False
 
     def stop_when_idle(self) -> None:
         """Shutdown: close now if waiting for a request, else after the current answer."""
         self.closing = True
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._idle:
+            self._reading.cancel()
 
     async def run(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                nursery.start_soon(self._read)
                 try:
-                    while not self.closing:
-                        head = await self._read_head()
-                        if head is None or not await self._serve(head):
-                            break
-                except ClientGone:
-                    pass
-                nursery.cancel_scope.cancel()  # the disconnect watcher, if it started
+                    await self._serve_all()
+                finally:
+                    nursery.cancel_scope.cancel()  # the reader
         finally:
             try:
-                if self.unread:
+                if self.unread and not self.left:
                     await self.transport.linger()
             finally:
                 await self.transport.aclose()
 
-    def watch(self, cycle: Cycle) -> None:
-        """Have the connection's watcher task wait for `cycle`'s client to leave. One task
-        per connection, started on first use, instead of one per request: spawning and
-        cancelling a task costs more than the rest of a proxied request's scheduling."""
-        self._watched = cycle
-        if self._wake is None:
-            self._wake = trio.Event()
-            assert self._nursery is not None
-            self._nursery.start_soon(self._watch_disconnects)
-        self._wake.set()
+    # The reader: the only task that reads the socket ------------------------------------
 
-    async def _watch_disconnects(self) -> None:
-        while True:
-            assert self._wake is not None
-            await self._wake.wait()
-            self._wake = trio.Event()
-            cycle, self._watched = self._watched, None
-            if cycle is not None and cycle.open:
-                await cycle.wait_for_disconnect()
+    async def _read(self) -> None:
+        parser = self.parser
+        events = parser.events
+        receive = self.transport.receive
+        reading = self._reading
+        reading.deadline = trio.current_time() + self.keep_alive_timeout_s
+        self._idle = True
+        with reading:
+            while not parser.stopped:
+                if len(events) >= MAX_QUEUED_EVENTS or parser.queued_body >= MAX_QUEUED_BODY:
+                    self._drained = drained = trio.Event()
+                    await drained.wait()
+                    continue
+                try:
+                    data = await receive()
+                except ClientGone:
+                    data = b""
+                if not data:
+                    self.left = True
+                    break
+                parser.feed(data)
+                if events:
+                    reading.deadline = math.inf  # a whole head came: timing is the app's
+                    self._arrive()
+        self.ended = True
+        cycle = self.cycle
+        if self.left and cycle is not None:
+            cycle.client_left()
+        self._arrive()
 
-    async def _read_head(self) -> bytes | None:
-        """The next request head (without its blank line), or None when the connection
-        should end: the client closed it, sent nothing in time, or sent garbage (which is
-        answered first)."""
-        try:
-            end = head_end(self.buffer)
-            if end < 0:
-                with trio.CancelScope() as idle:
-                    idle.deadline = trio.current_time() + self.keep_alive_timeout_s
-                    self._idle = idle
-                    end = await self._fill_head()
-                self._idle = None
-                if idle.cancelled_caught:
-                    return None
-            elif self.buffer:
-                # A pipelined request: let other tasks run before serving it.
-                await trio.lowlevel.checkpoint()
-        except FramingError as exc:
-            await self._refuse(431, f"request head too large: {exc}")
-            return None
-        if end < 0:
-            return None
-        head, self.buffer = self.buffer[: end - 4], self.buffer[end:]
-        return head
+    def _arrive(self) -> None:
+        arrived = self._arrived
+        if arrived is not None:
+            self._arrived = None
+            arrived.set()
 
-    async def _fill_head(self) -> int:
-        while True:
-            data = await self.transport.receive()
-            if not data:
-                return -1
-            self.buffer += data
-            end = head_end(self.buffer)
-            if end >= 0:
-                return end
+    async def wait_for_events(self) -> None:
+        """Until the reader queues an event or stops."""
+        arrived = self._arrived
+        if arrived is None:
+            arrived = self._arrived = trio.Event()
+        await arrived.wait()
+
+    def take(self) -> Event:
+        """The next queued event (the queue must not be empty)."""
+        parser = self.parser
+        event = parser.events.popleft()
+        if type(event) is bytes:
+            parser.queued_body -= len(event)
+        drained = self._drained
+        if drained is not None and len(parser.events) < MAX_QUEUED_EVENTS // 2:
+            self._drained = None
+            drained.set()
+        return event
+
+    # The connection task ------------------------------------------------------------
+
+    async def _serve_all(self) -> None:
+        events = self.parser.events
+        while not self.closing:
+            if events:
+                await trio.lowlevel.checkpoint()  # pipelined: let other tasks run first
+            else:
+                if self.ended:
+                    return
+                self._idle = True
+                self._reading.deadline = trio.current_time() + self.keep_alive_timeout_s
+                while not events and not self.ended:
+                    await self.wait_for_events()
+                self._idle = False
+                if not events:
+                    return
+            event = self.take()
+            if type(event) is Head:
+                if not await self._serve(event):
+                    return
+            elif type(event) is Refusal:
+                await self._refuse(event.status, event.message)
+                return
+            elif event is not END:  # the end of a bodiless request is skipped here
+                raise RuntimeError(f"unexpected event {event!r}")  # pragma: no cover
 
     async def _refuse(self, status: int, message: str) -> None:
         self.unread = True
@@ -352,101 +256,79 @@ class Connection:
         with contextlib.suppress(ClientGone):
             await self.transport.send(head + body)
 
-    async def _serve(self, head: bytes) -> bool:
+    async def _serve(self, head: Head) -> bool:
         """Answer one request; whether the connection can carry another."""
         try:
-            method, target, minor, fields = parse_request_head(head)
-            length = body_length(fields)
-            scope = self._scope(method, target, minor, fields)
-        except FramingError as exc:
-            await self._refuse(400, f"malformed HTTP request: {exc}")
+            path = unquote(head.path.decode("ascii"))
+        except UnicodeDecodeError:  # pragma: no cover - llhttp refuses non-ASCII targets
+            await self._refuse(400, "malformed HTTP request: the target is not ASCII")
             return False
-        cycle = Cycle(self, scope, fields, length, head_only=method == b"HEAD", minor=minor)
-        scope["extensions"][DISCONNECT_EXTENSION] = cycle.cancel_on_disconnect
-        try:
-            await self._app(scope, cycle.receive, cycle.send)
-        except ClientGone:
-            return False
-        except Exception:  # the app's own failure: answer it, log it, keep serving others
-            log.exception("the app failed on %s %s", scope["method"], scope["path"])
-            if not cycle.started:
-                await self._refuse(*(cycle.refusal or (500, "internal error")))
-            return False
-        finally:
-            cycle.finish()
-            if cycle.watching is not None and not self.transport.plain:
-                # A TLS stream's read is not abandoned at once when cancelled: let the
-                # watcher's read unwind before this task reads the next request.
-                await cycle.watching.wait()
-        if cycle.refusal is not None and not cycle.started:
-            await self._refuse(*cycle.refusal)
-            return False
-        if not cycle.complete:
-            if not cycle.started and not self.transport.closed:
-                log.error("the app answered nothing to %s %s", scope["method"], scope["path"])
-                await self._refuse(500, "internal error: no answer")
-            return False
-        if not cycle.body_done:
-            self.unread = True
-            return False
-        return cycle.keep_alive
-
-    def _scope(
-        self, method: bytes, target: bytes, minor: int, fields: Headers
-    ) -> MutableMapping[str, Any]:
-        if not target.startswith(b"/"):
-            if target.startswith((b"http://", b"https://")):
-                # Absolute form: only the path matters here.
-                rest = target.split(b"//", 1)[1]
-                slash = rest.find(b"/")
-                target = rest[slash:] if slash >= 0 else b"/"
-            elif not (target == b"*" and method == b"OPTIONS"):
-                raise FramingError(f"request target {bytes(target[:80])!r} is not a path")
-        if minor == 1:
-            for name, _ in fields:
-                if name == b"host":
-                    break
-            else:
-                raise FramingError("HTTP/1.1 request without a Host header")
-        path, _, query = target.partition(b"?")
-        try:
-            decoded = unquote(path.decode("ascii"))
-        except UnicodeDecodeError:
-            raise FramingError("request target is not ASCII") from None
-        return {
+        method = head.method.decode("ascii")
+        scope: MutableMapping[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1" if minor == 1 else "1.0",
-            "method": method.decode("ascii"),
+            "http_version": "1.1" if head.minor == 1 else "1.0",
+            "method": method,
             "scheme": self._scheme,
-            "path": decoded,
-            "raw_path": path,
-            "query_string": query,
+            "path": path,
+            "raw_path": head.path,
+            "query_string": head.query,
             "root_path": "",
-            "headers": fields,
+            "headers": head.headers,
             "client": self._client,
             "server": self._server,
             "state": self._state.copy(),
             "extensions": {},
         }
+        cycle = self.cycle = Cycle(self, head)
+        scope["extensions"][DISCONNECT_EXTENSION] = cycle.cancel_on_disconnect
+        try:
+            await self._app(scope, cycle.receive, cycle.send)
+        except Exception:  # the app's own failure: answer it, log it, keep serving others
+            log.exception("the app failed on %s %s", method, path)
+            if not cycle.started and not cycle.gone:
+                await self._refuse(*(cycle.refusal or (500, "internal error")))
+            return False
+        finally:
+            cycle.finish()
+            self.cycle = None
+        if cycle.refusal is not None and not cycle.started:
+            await self._refuse(*cycle.refusal)
+            return False
+        if not cycle.complete:
+            if not cycle.started and not cycle.gone and not self.transport.closed:
+                log.error("the app answered nothing to %s %s", method, path)
+                await self._refuse(500, "internal error: no answer")
+            return False
+        if not cycle.body_done and not self._skip_body():
+            self.unread = True
+            return False
+        return cycle.keep_alive
+
+    def _skip_body(self) -> bool:
+        """Drop the rest of a body the app did not read, if all of it is queued; else
+        the connection cannot carry another request."""
+        if END not in self.parser.events:
+            return False
+        while self.take() is not END:
+            pass
+        return True
 
 
 class Cycle:
     """One request and its answer: the ASGI `receive` and `send` of one app call."""
 
     __slots__ = (
+        "_body_deadline",
         "_chunked",
         "_conn",
         "_continue",
-        "_decoder",
         "_delivered",
         "_head",
         "_http11",
-        "_left",
         "_length",
         "_on_gone",
         "_settled",
-        "_waiting",
         "body_done",
         "complete",
         "finished",
@@ -455,41 +337,27 @@ class Cycle:
         "keep_alive",
         "refusal",
         "started",
-        "watching",
     )
 
-    def __init__(
-        self,
-        conn: Connection,
-        scope: MutableMapping[str, Any],
-        fields: Headers,
-        length: int | None,
-        *,
-        head_only: bool,
-        minor: int,
-    ) -> None:
+    def __init__(self, conn: Connection, head: Head) -> None:
         self._conn = conn
-        self.head_only = head_only
-        self._http11 = minor == 1
-        if minor == 1:
-            self.keep_alive = not has_token(fields, b"connection", b"close")
-        else:
-            self.keep_alive = has_token(fields, b"connection", b"keep-alive")
-        self._decoder: ChunkedDecoder | None = ChunkedDecoder() if length == CHUNKED else None
-        self._left = 0 if length is None or length == CHUNKED else length
-        self.body_done = self._decoder is None and self._left == 0  # all of it read
+        self.head_only = head.method == b"HEAD"
+        self._http11 = head.minor == 1
+        self.keep_alive = head.keep_alive
+        self.body_done = not head.has_body  # all of it taken from the queue
         self._delivered = False  # the last `http.request` message was given to the app
-        self._continue = not self.body_done and has_token(fields, b"expect", b"100-continue")
+        self._continue = head.expect_continue
+        self._body_deadline = (
+            trio.current_time() + conn.request_body_timeout_s if head.has_body else math.inf
+        )
         self._head = b""
         self._length: int | None = None  # the answer's Content-Length, if it set one
         self._chunked = False
-        self._waiting: trio.CancelScope | None = None
-        self.watching: trio.Event | None = None  # set when a wait for a disconnect ends
         self._on_gone: list[trio.CancelScope] = []
         self._settled: trio.Event | None = None  # set once complete, gone or finished
         self.started = False
         self.complete = False
-        self.gone = False
+        self.gone = conn.left
         self.finished = False  # the app returned
         self.refusal: tuple[int, str] | None = None  # the server's own answer to send
 
@@ -502,13 +370,17 @@ class Cycle:
 
     def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
         """The `gateway.cancel_on_disconnect` ASGI extension: cancel `scope` if the client
-        leaves before the answer is complete. The app need not call `receive` for it."""
+        leaves before the answer is complete. The app need not call `receive` for it:
+        the connection's reader watches the socket anyway."""
         if self.gone:
             scope.cancel()
             return
         self._on_gone.append(scope)
-        if len(self._on_gone) == 1 and self.open:
-            self._conn.watch(self)
+
+    def client_left(self) -> None:
+        """The reader saw the client's end of stream (or a reset) during this request."""
+        if self.open:
+            self._went()
 
     def finish(self) -> None:
         """The app returned: stop watching for this request's client."""
@@ -524,72 +396,76 @@ class Cycle:
         self._settle()
 
     def _settle(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
-        if self._settled is not None:
-            self._settled.set()
+        settled = self._settled
+        if settled is not None:
+            self._settled = None
+            settled.set()
 
     async def receive(self) -> Message:
-        try:
-            if not self._delivered and not self.gone:
-                return await self._receive_body()
-            if self._on_gone and self.open:
-                # The connection's watcher reads the socket; wait for what it finds.
-                if self._settled is None:
-                    self._settled = trio.Event()
-                await self._settled.wait()
-            elif self.open:
-                await self.wait_for_disconnect()
-        except ClientGone:
-            self._went()
-        return {"type": "http.disconnect"}
+        if not self._delivered and self.refusal is None:
+            # Even when the client has left, a body that came whole is handed over.
+            return await self._receive_body()
+        if self.open:
+            # The reader watches the socket; wait until the client leaves or this request
+            # ends.
+            if self._settled is None:
+                self._settled = trio.Event()
+            await self._settled.wait()
+        return _DISCONNECT
 
     async def _receive_body(self) -> Message:
-        conn = self._conn
         if self.body_done:
             self._delivered = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        if self._continue:
-            self._continue = False
-            if not self.started:
-                await conn.transport.send(_CONTINUE)
-        while True:
-            data = conn.buffer
-            conn.buffer = b""
-            if not data:
+        conn = self._conn
+        events = conn.parser.events
+        while not events:
+            if conn.ended:  # the client left mid-body
+                self._went()
+                return _DISCONNECT
+            if self._continue:
+                self._continue = False
+                if not self.started:
+                    try:
+                        await conn.transport.send(_CONTINUE)
+                    except ClientGone:
+                        self._went()
+                        return _DISCONNECT
+                continue
+            now = trio.current_time()
+            if now >= self._body_deadline:
+                return self._refused(
+                    408,
+                    "the request body took too long"
+                    f" (over {conn.request_body_timeout_s:g} s in all)",
+                )
+            with trio.move_on_after(min(conn.keep_alive_timeout_s, self._body_deadline - now)):
+                await conn.wait_for_events()
+                continue
+            if trio.current_time() < self._body_deadline:
                 # A body that stalls is refused like a head that does: the client gets
                 # `keep_alive_timeout_s` between two reads, not forever.
-                with trio.move_on_after(conn.keep_alive_timeout_s):
-                    data = await conn.transport.receive()
-                    if not data:
-                        self._went()
-                        return {"type": "http.disconnect"}
-                if not data:
-                    return self._refused(
-                        408,
-                        "the request body stopped arriving"
-                        f" ({conn.keep_alive_timeout_s:g} s without a byte)",
-                    )
-            decoder = self._decoder
-            if decoder is not None:
-                try:
-                    body = decoder.feed(data)
-                except FramingError as exc:
-                    # The body's framing is broken: nothing more can be read from here.
-                    return self._refused(400, f"malformed chunked request body: {exc}")
-                if decoder.done:
-                    conn.buffer = decoder.rest
-                    self.body_done = self._delivered = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-            else:
-                body = data[: self._left]
-                conn.buffer = data[self._left :]
-                self._left -= len(body)
-                if self._left == 0:
-                    self.body_done = self._delivered = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-            if body:
-                return {"type": "http.request", "body": body, "more_body": True}
+                return self._refused(
+                    408,
+                    "the request body stopped arriving"
+                    f" ({conn.keep_alive_timeout_s:g} s without a byte)",
+                )
+            # The loop's first check answers: the whole body took too long.
+        event = conn.take()
+        if event is END:
+            self.body_done = self._delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        if type(event) is bytes:
+            if events and events[0] is END:
+                conn.take()
+                self.body_done = self._delivered = True
+                return {"type": "http.request", "body": event, "more_body": False}
+            return {"type": "http.request", "body": event, "more_body": True}
+        if type(event) is Refusal:
+            # The body's framing is broken: nothing more can be read from here.
+            reason = event.message.removeprefix("malformed HTTP request: ")
+            return self._refused(400, f"malformed chunked request body: {reason}")
+        raise RuntimeError(f"unexpected event {event!r}")  # pragma: no cover
 
     def _refused(self, status: int, message: str) -> Message:
         """The body cannot be read to its end: the app is told the client left, and the
@@ -597,29 +473,7 @@ class Cycle:
         self.refusal = (status, message)
         self._conn.closing = True
         self._went()
-        return {"type": "http.disconnect"}
-
-    async def wait_for_disconnect(self) -> None:
-        """Wait until the client leaves (then say so to whoever asked) or the answer is
-        complete or abandoned. Bytes that arrive in the meantime are the next (pipelined)
-        request: kept, up to a head's worth."""
-        conn = self._conn
-        with trio.CancelScope() as waiting:
-            self._waiting = waiting
-            self.watching = unwound = trio.Event()
-            try:
-                while len(conn.buffer) <= MAX_HEAD_BYTES:
-                    data = await conn.transport.receive()
-                    if not data:
-                        self._went()
-                        return
-                    conn.buffer += data
-                await trio.sleep_forever()
-            except ClientGone:
-                self._went()
-            finally:
-                self._waiting = self.watching = None
-                unwound.set()
+        return _DISCONNECT
 
     # send ---------------------------------------------------------------------------
 
@@ -646,9 +500,15 @@ class Cycle:
         lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         length: int | None = None
         close = not self.keep_alive or conn.closing
+        if not self.body_done and END not in conn.parser.events:
+            # The app answers before the body came whole: unless it reads the rest,
+            # the connection ends after this answer, and the client must know.
+            close = True
         for name, value in headers:
             lower = name.lower()
             if lower == b"content-length":
+                if not value.isdigit():
+                    raise RuntimeError(f"Content-Length {value[:40]!r} is not a length")
                 length = int(value)
                 continue
             if lower == b"connection":
@@ -662,6 +522,8 @@ class Cycle:
             lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"date: %s\r\n" % conn.date.value())
         no_body = status in NO_BODY_STATUSES or status < 200
+        if status == 204 or status < 200:
+            length = None  # RFC 9110 8.6: never sent with these (304 keeps the GET's)
         if length is not None:
             lines.append(b"content-length: %d\r\n" % length)
             self._length = length

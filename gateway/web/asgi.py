@@ -83,8 +83,11 @@ def ndjson_error_tail(error: GatewayError, mid_line: bool) -> bytes:
 
 
 class Responder:
-    """Sends one answer, and knows whether it has started, so a failure becomes a status
-    before the first byte and an in-band error (shaped by `stream_tail`) after it."""
+    """Sends one answer, and knows whether its first byte has gone out, so a failure
+    becomes a status before it (a 502/504 with a JSON error) and an in-band error
+    (shaped by `stream_tail`) after it. `start` only records the head: it goes out with
+    the first body bytes, so an upstream that fails before sending any still gets a
+    clean status (issue 13)."""
 
     def __init__(
         self,
@@ -98,21 +101,30 @@ class Responder:
         self._record = record
         self._error_body = error_body
         self._stream_tail = stream_tail
-        self.started = False
+        self._head: Message | None = None
+        self.started = False  # the head has been handed to the server
 
     async def start(self, status: int, headers: Headers) -> None:
-        self.started = True
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        self._head = {"type": "http.response.start", "status": status, "headers": headers}
+
+    async def _body(self, data: bytes, more: bool) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self.started = True
+            await self._send(head)
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def chunk(self, data: bytes) -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        await self._body(data, True)
 
     async def end(self, data: bytes = b"") -> None:
-        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+        await self._body(data, False)
 
     async def full(
         self, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
     ) -> None:
+        self._head = None
         self.started = True
         await send_response(self._send, status, body, headers=headers)
 
