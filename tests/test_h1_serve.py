@@ -3,6 +3,7 @@ with small ASGI apps, spoken to byte by byte over real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from typing import Any
 
 import trio
 import trio.lowlevel
+import trio.testing
 
 from gateway.drain import Drain
 from gateway.server import hypercorn_config, serve_http
@@ -81,7 +83,11 @@ def echo_app(seen: Seen) -> App:
 
 @asynccontextmanager
 async def serving(
-    app: App, *, keep_alive_timeout_s: float = 5.0, write_timeout_s: float = 5.0
+    app: App,
+    *,
+    keep_alive_timeout_s: float = 5.0,
+    write_timeout_s: float = 5.0,
+    request_body_timeout_s: float = 60.0,
 ) -> AsyncIterator[tuple[str, int, trio.Event]]:
     """Run the server on port 0; yields host, port and the event that shuts it down."""
     stop = trio.Event()
@@ -96,6 +102,7 @@ async def serving(
                 drain=Drain(),
                 grace_s=1.0,
                 write_timeout_s=write_timeout_s,
+                request_body_timeout_s=request_body_timeout_s,
                 shutdown_trigger=stop.wait,
                 task_status=task_status,
             )
@@ -461,3 +468,83 @@ async def test_a_body_that_stops_arriving_gets_408_and_a_broken_one_400() -> Non
         assert status == b"HTTP/1.1 400 Bad Request"
         assert "malformed chunked request body" in json.loads(body)["error"]
     assert seen.bodies == []  # the app never got either body whole
+
+
+async def test_a_body_trickled_in_gets_408_at_the_overall_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 13: a body that never stalls for `keep_alive_timeout_s` (a byte every 4 s
+    here, 5 s allowed) could take forever. `request_body_timeout_s` bounds the whole."""
+    seen = Seen()
+    async with serving(echo_app(seen), keep_alive_timeout_s=5.0, request_body_timeout_s=20.0) as (
+        host,
+        port,
+        _,
+    ):
+        with trio.fail_after(60):
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                started = trio.current_time()
+                await stream.send_all(
+                    b"POST /slow HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n"
+                )
+                answer = b""
+                while True:
+                    with trio.move_on_after(4):
+                        answer = await stream.receive_some(65536)
+                        break
+                    await stream.send_all(b"x")
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+                took = trio.current_time() - started
+    [(status, fields, body)] = split_answers(answer)
+    assert status == b"HTTP/1.1 408 Request Timeout"
+    assert fields[b"connection"] == b"close"
+    assert "took too long" in json.loads(body)["error"]
+    assert 20.0 <= took < 21.0
+    assert seen.bodies == []
+
+
+async def test_a_client_that_leaves_after_its_request_is_not_a_500(
+    all_logs: io.StringIO,
+) -> None:
+    """Issue 13: a client that half-closed after a complete request got `500 internal
+    error: no answer` and an error log line. It has left: its work is cancelled, nothing
+    is written, nothing logged as an error. One that asked to close still gets its answer."""
+    cancelled = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        await read_all(receive)
+        with trio.CancelScope() as work:
+            scope["extensions"]["gateway.cancel_on_disconnect"](work)
+            if scope["path"] == "/slow":
+                await trio.sleep_forever()
+        if work.cancelled_caught:
+            cancelled.set()
+            return
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serving(app) as (host, port, _):
+        with trio.fail_after(5):
+            for request, expected in [
+                (b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n", b""),
+                (b"GET /fast HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", b"ok"),
+            ]:
+                stream = await trio.open_tcp_stream(host, port)
+                async with stream:
+                    await stream.send_all(request)
+                    await stream.send_eof()
+                    answer = b""
+                    while chunk := await stream.receive_some(65536):
+                        answer += chunk
+                assert answer.endswith(expected), answer
+                if not expected:
+                    assert answer == b""
+            await cancelled.wait()
+    errors = [line for line in all_logs.getvalue().splitlines() if '"level":"error"' in line]
+    assert errors == []
