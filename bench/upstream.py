@@ -18,7 +18,8 @@ Routes:
   same machine can compute per-line latency. `options.bench_pace_us` > 0 spaces the lines
   that many microseconds apart (scheduled at absolute times, so lateness does not add up);
   0 (default) writes them back to back, each with its own socket write, like Ollama's
-  per-token flush.
+  per-token flush. `options.bench_delay_us` > 0 delays a `"stream": false` answer that
+  long, as a model's generation does (the gateway then sleeps and wakes per request).
 - `POST /api/embed`, `POST /api/embeddings`: one vector of `--embed-dims` floats.
 - `POST /api/show`: a small fixed answer. Anything else: 404 in Ollama's shape.
 """
@@ -286,12 +287,17 @@ class UpstreamProtocol(asyncio.Protocol):
                 stream = request.get("stream", True) is not False
                 lines = max(1, int(options.get("num_predict", DEFAULT_LINES)))
                 pace_us = int(options.get("bench_pace_us", 0))
+                delay_us = int(options.get("bench_delay_us", 0))
             except (ValueError, TypeError, AttributeError):
                 write(a.bad_request)
                 return
             chat = path == b"/api/chat"
             if not stream:
-                write(a.chat if chat else a.generate)
+                answer = a.chat if chat else a.generate
+                if delay_us > 0:  # as a model does: the answer comes after a while
+                    self.loop.call_later(delay_us / 1e6, self._late, answer)
+                else:
+                    write(answer)
                 return
             line = a.chat_line if chat else a.generate_line
             final = a.chat_final if chat else a.generate_final
@@ -321,6 +327,10 @@ class UpstreamProtocol(asyncio.Protocol):
             write(a.show)
         else:
             write(a.not_found)
+
+    def _late(self, answer: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(answer)
 
     def _paced(
         self,

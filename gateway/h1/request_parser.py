@@ -15,13 +15,14 @@ The cost is linear in the bytes fed, however they are split.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from typing import Final
 
 import httptools
 
-from gateway.h1.framing import MAX_HEAD_BYTES, Headers, has_token
+from gateway.h1.framing import MAX_HEAD_BYTES, TOKEN, Headers, has_token
 
 # The end of a request's body; it follows the body's last bytes in `RequestParser.events`.
 END: Final = None
@@ -104,6 +105,7 @@ class RequestParser:
         "_head_bytes",
         "_head_size",
         "_keep_alive",
+        "_method",
         "_parser",
         "_pieces",
         "_state",
@@ -127,6 +129,7 @@ class RequestParser:
         self._head_size = 0  # of the head being read, as its parts were parsed
         self._trailers = 0
         self._keep_alive = True
+        self._method: bytes | None = None  # a method llhttp does not know, see `feed`
 
     @property
     def in_request(self) -> bool:
@@ -137,6 +140,8 @@ class RequestParser:
         """Parse `data`; its events are appended to `events`."""
         if self.stopped:
             return
+        if self._state == _IDLE:
+            data = self._unknown_method(data)
         try:
             self._feed(data)
         except _Refused as exc:
@@ -155,6 +160,24 @@ class RequestParser:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse(Refusal(431, f"request head too large: over {MAX_HEAD_BYTES} bytes"))
+
+    def _unknown_method(self, data: bytes) -> bytes:
+        """llhttp knows only registered methods; any other token must still reach the
+        app, which answers 405 in its route's own error shape. When a request starts a
+        read (as it does unless pipelined), its method is read here, and llhttp is shown
+        `GET` in its place: for a request, the method never changes the framing llhttp
+        applies (CONNECT, the one that does, is known to it). A pipelined request with an
+        unknown method is refused by llhttp (400)."""
+        self._method = None
+        start = len(data) - len(data.lstrip(b"\r\n"))
+        space = data.find(b" ", start, start + 33)
+        if space < 0:
+            return data
+        method = data[start:space]
+        if _known(method) or TOKEN.fullmatch(method) is None:
+            return data
+        self._method = method
+        return data[:start] + b"GET" + data[space:]
 
     def _feed(self, data: bytes) -> None:
         while True:
@@ -237,7 +260,8 @@ class RequestParser:
             minor = 0
         else:
             raise _Refused(505, f"HTTP version {version} is not supported")
-        method: bytes = parser.get_method()
+        method: bytes = self._method or parser.get_method()
+        self._method = None
         if method == b"CONNECT":
             raise _Refused(501, "CONNECT is not served")
         fields = self._fields
@@ -289,6 +313,18 @@ class RequestParser:
                 has_body and minor == 1 and has_token(fields, b"expect", b"100-continue")
             ),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _known(method: bytes) -> bool:
+    """Whether llhttp reads `method` as a request method."""
+    try:
+        httptools.HttpRequestParser(None).feed_data(method + b" / HTTP/1.1\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        return True
+    return True
 
 
 def _split_target(target: bytes, method: bytes) -> tuple[bytes, bytes]:
