@@ -52,7 +52,7 @@ async def serve(
     token = environ.get(config.ollama.token_env) or None
     auth = Auth.from_config(config.auth, environ)  # a bad token file stops us here
     async with (
-        make_target_pool(config.ollama) as target_pool,
+        make_target_pool(config.ollama, max_read_bytes=config.max_body_bytes) as target_pool,
         make_provider_client() as provider_http,
     ):
         target = TargetClient(target_pool, config.ollama, token=token)

@@ -341,3 +341,20 @@ async def test_pipelining_under_load_with_split_writes(
                 nursery.start_soon(client)
     assert outcomes == [[200] * 12] * 48
     assert server_errors(all_logs) == []
+
+
+async def test_http_1_0_keep_alive_is_honoured_and_ends_when_not_asked(
+    gw: RunningGateway,
+) -> None:
+    answer = await exchange(
+        gw,
+        [
+            b"GET /api/version HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+            b"GET /api/version HTTP/1.0\r\n\r\n"
+            b"GET /api/version HTTP/1.0\r\n\r\n"  # never read: the second closed
+        ],
+    )
+    got = answers(answer)
+    assert [status for status, _, _ in got] == [200, 200]
+    assert got[0][1][b"connection"] == b"keep-alive"
+    assert got[1][1][b"connection"] == b"close"

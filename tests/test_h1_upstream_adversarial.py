@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -79,11 +80,11 @@ class RawUpstream:
 
 
 async def start(
-    start_gateway: StartGateway, nursery: trio.Nursery, script: Script
+    start_gateway: StartGateway, nursery: trio.Nursery, script: Script, **config: Any
 ) -> tuple[RunningGateway, RawUpstream]:
     upstream = RawUpstream(script)
     await nursery.start(upstream.run)
-    gw = await start_gateway(make_config(upstream.url))
+    gw = await start_gateway(make_config(upstream.url, **config))
     await eventually(lambda: not gw.services.inventory.degraded)
     return gw, upstream
 
@@ -235,3 +236,17 @@ async def test_a_non_streamed_answer_over_the_bound_is_refused_unbuffered(
                 await response.read()
     released.set()
     await pool.aclose()
+
+
+async def test_an_answer_over_max_body_bytes_is_a_502_through_the_gateway(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    big = b"x" * 5000
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+    gw, _ = await start(start_gateway, nursery, fixed(answer), max_body_bytes=2048)
+    got = await exchange(
+        gw, [b"GET /api/version HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"]
+    )
+    [(status, _, body)] = answers(got)
+    assert status == 502, got
+    assert "over 2048 bytes" in json.loads(body)["error"]

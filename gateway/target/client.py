@@ -18,7 +18,7 @@ import msgspec
 
 from gateway.config import OllamaConfig, redact_url
 from gateway.errors import UpstreamProtocol, UpstreamStatus
-from gateway.h1.client import ConnectionPool
+from gateway.h1.client import MAX_READ_BYTES, ConnectionPool
 from gateway.target.ndjson import MAX_LINE_BYTES, NdjsonSplitter
 from gateway.target.wire import (
     ChatChunk,
@@ -79,11 +79,15 @@ def target_name(config: OllamaConfig) -> str:
     return f"Ollama target {redact_url(config.url.rstrip('/'))}"
 
 
-def make_target_pool(config: OllamaConfig) -> ConnectionPool:
-    """The one upstream connection pool, sized above any concurrency the gateway admits.
+def make_target_pool(
+    config: OllamaConfig, *, max_read_bytes: int = MAX_READ_BYTES
+) -> ConnectionPool:
+    """The one upstream connection pool, sized above any concurrency the gateway admits;
+    an answer read whole is bounded by `max_read_bytes` (the server's `max_body_bytes`).
     Start its `run` task in a nursery; `async with` closes it."""
     return ConnectionPool(
         config.url,
+        max_read_bytes=max_read_bytes,
         name=target_name(config),
         connect_timeout_s=config.connect_timeout_s,
         idle_timeout_s=config.idle_timeout_s,
