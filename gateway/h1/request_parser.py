@@ -95,8 +95,9 @@ class RequestParser:
     """Feed bytes with `feed`; take events from `events` in order: a `Head`, its body as
     `bytes` pieces, `END`; the next request's `Head`... A `Refusal` is the last event.
 
-    `stopped` turns true after a refusal or after a request that closes the connection:
-    bytes fed after that are ignored (they are not this connection's to interpret).
+    `stopped` turns true after a refusal (then `refused` too) or after a request that
+    closes the connection: bytes fed after that are ignored (they are not this
+    connection's to interpret).
     `queued_body` counts body bytes in `events`, for the reader's backpressure.
     """
 
@@ -113,6 +114,7 @@ class RequestParser:
         "_url",
         "events",
         "queued_body",
+        "refused",
         "stopped",
     )
 
@@ -121,6 +123,7 @@ class RequestParser:
         self.events: deque[Event] = deque()
         self.queued_body = 0
         self.stopped = False
+        self.refused = False
         self._state = _IDLE
         self._fields: Headers = []
         self._url = b""
@@ -197,7 +200,7 @@ class RequestParser:
     def _refuse(self, refusal: Refusal) -> None:
         self._flush()
         self.events.append(refusal)
-        self.stopped = True
+        self.stopped = self.refused = True
 
     def _flush(self) -> None:
         pieces = self._pieces

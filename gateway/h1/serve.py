@@ -21,11 +21,10 @@ Writes go straight to the socket when the kernel takes them whole (nearly always
 LAN); only a client that stops reading makes a write wait, and that wait has a deadline
 (`write_timeout_s`) after which the connection is dropped and the app sees a disconnect.
 
-A client that closes its side after a complete request (and did not ask to close) has
-left: its request is cancelled and logged as 499 by the app; nothing is written and
-nothing is logged as an error. A request that asks for `Connection: close` (or HTTP/1.0
-without keep-alive) is the connection's last: the socket is not read after it, so such a
-client may half-close and still get its answer.
+A client that closes its side (end of stream, or a reset) while its request is served
+has left, as nginx also takes it: its request is cancelled (freeing the gate at once)
+and logged as 499 by the app; nothing is written and nothing is logged as an error. A
+half-close cannot be told from a client that left, so it is taken the same way.
 """
 
 from __future__ import annotations
@@ -172,7 +171,9 @@ class Connection:
         reading.deadline = trio.current_time() + self.keep_alive_timeout_s
         self._idle = True
         with reading:
-            while not parser.stopped:
+            # After a request that closes the connection, reading goes on (the bytes are
+            # dropped by the parser) only to see the client leave.
+            while not parser.refused:
                 if len(events) >= MAX_QUEUED_EVENTS or parser.queued_body >= MAX_QUEUED_BODY:
                     self._drained = drained = trio.Event()
                     await drained.wait()
