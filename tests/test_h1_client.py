@@ -360,6 +360,11 @@ async def test_interim_answers_are_skipped(start_server: StartServer, make_pool:
         ),
         (b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70_000 + b"\r\n\r\n", "over 65536 bytes"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX: "
+            + b"a" * 150_000,  # the bound is checked read by read, so give it two
+            "chunk framing or trailers",
+        ),
     ],
 )
 async def test_malformed_answers_are_protocol_errors(

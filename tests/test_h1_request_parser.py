@@ -142,10 +142,15 @@ def test_what_a_proxy_must_not_accept_is_refused(data: bytes, status: int, says:
         (b"fffffffffffffffff\r\n", "overflow"),
         (b"3\r\nabc\r\n0\r\nBad Trailer\r\n\r\n", "header token"),  # trailers are checked
         (b"0\r\n" + b"X-T: 1\r\n" * 65 + b"\r\n", "trailer fields"),
+        # Found while writing this suite: a trailer value (or a chunk extension) that
+        # never ends was gathered whole by httptools, at a quadratic cost.
+        (b"1\r\na\r\n0\r\nX-T: " + b"a" * 70_000, "chunk framing"),
+        (b"1;" + b"x" * 70_000, "chunk framing"),
     ],
 )
 def test_broken_chunked_bodies_are_refused(body: bytes, says: str) -> None:
-    events = parse(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    events = parse(head + body, list(range(len(head), len(head) + len(body), 4096)))
     assert events[0] == (b"POST", b"/", b"", 1, True)
     refusal = events[-1]
     assert isinstance(refusal, tuple)
@@ -236,3 +241,11 @@ def test_a_method_llhttp_does_not_know_still_reaches_the_app() -> None:
     events = parse(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nBREW / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert events[:2] == [(b"GET", b"/a", b"", 1, True), "end"]
     assert events[2][0] == 400  # type: ignore[index]
+
+
+def test_one_byte_chunks_are_not_mistaken_for_a_framing_flood() -> None:
+    body = b"".join(b"1\r\n%c\r\n" % (97 + i % 26) for i in range(20_000)) + b"0\r\n\r\n"
+    head = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    events = parse(head + body, list(range(len(head), len(head) + len(body), 65536)))
+    assert events[-1] == "end"
+    assert len(events[1]) == 20_000  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from gateway.h1.framing import MAX_HEAD_BYTES, TOKEN, Headers, has_token
 # The end of a request's body; it follows the body's last bytes in `RequestParser.events`.
 END: Final = None
 MAX_TRAILER_FIELDS = 64
+MAX_OVERHEAD_BYTES = MAX_HEAD_BYTES
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
 _SCHEMES = (b"http://", b"https://")
 _HEAD, _BODY, _IDLE = range(3)
@@ -107,6 +108,7 @@ class RequestParser:
         "_head_size",
         "_keep_alive",
         "_method",
+        "_overhead",
         "_parser",
         "_pieces",
         "_state",
@@ -133,6 +135,10 @@ class RequestParser:
         self._trailers = 0
         self._keep_alive = True
         self._method: bytes | None = None  # a method llhttp does not know, see `feed`
+        # Bytes fed while reading a body, less its payload: chunk lines, extensions,
+        # trailers. llhttp does not bound them (and httptools gathers a trailer value
+        # whole, at a quadratic cost), so they are bounded here.
+        self._overhead = 0
 
     @property
     def in_request(self) -> bool:
@@ -145,6 +151,8 @@ class RequestParser:
             return
         if self._state == _IDLE:
             data = self._unknown_method(data)
+        elif self._state == _BODY:
+            self._overhead += len(data)
         try:
             self._feed(data)
         except _Refused as exc:
@@ -159,6 +167,14 @@ class RequestParser:
             if not self.stopped:  # after a closing request, the rest is not ours
                 self._refuse(Refusal(400, f"malformed HTTP request: {_reason(exc)}"))
         self._flush()
+        if self._state == _BODY and self._overhead > MAX_OVERHEAD_BYTES:
+            self._refuse(
+                Refusal(
+                    400,
+                    f"malformed HTTP request: over {MAX_OVERHEAD_BYTES} bytes of"
+                    " chunk framing, extensions or trailers",
+                )
+            )
         if self._state != _BODY and not self.stopped:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -238,11 +254,14 @@ class RequestParser:
         head = self._check()
         self._state = _BODY
         self._head_bytes = 0
+        self._overhead = 0
         self._keep_alive = head.keep_alive
         self.events.append(head)
 
     def on_body(self, piece: bytes) -> None:
         self._pieces.append(piece)
+        # Framing may be up to 8 bytes per payload byte ("1\r\nx\r\n" is 5).
+        self._overhead -= 9 * len(piece)
 
     def on_message_complete(self) -> None:
         self._flush()

@@ -56,6 +56,7 @@ class ResponseParser:
         "_head_size",
         "_heads",
         "_interim",
+        "_overhead",
         "_parser",
         "_start",
         "_trailers",
@@ -81,6 +82,7 @@ class ResponseParser:
         # An answer to HEAD keeps its bytes, to find where its head ends (see below).
         self._fed: bytearray | None = bytearray() if head_only else None
         self._interim = False
+        self._overhead = 0  # body bytes fed less payload: bounded, as on the server leg
         self._start: bytes | None = b""  # the answer's first bytes, until checked
         self._trailers = 0
         self.status = 0
@@ -99,6 +101,8 @@ class ResponseParser:
         if self.done:
             self.extra = True
             return
+        if self.head_done:
+            self._overhead += len(data)
         if self._fed is not None:
             self._fed += data
         if self._start is not None:
@@ -122,6 +126,8 @@ class ResponseParser:
             raise FramingError("it switched protocols unasked") from None
         except httptools.HttpParserError as exc:
             raise FramingError(str(exc) or type(exc).__name__) from None
+        if self._overhead > MAX_HEAD_BYTES and not self.done:
+            raise FramingError(f"over {MAX_HEAD_BYTES} bytes of chunk framing or trailers")
         if not self.head_done:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -221,6 +227,7 @@ class ResponseParser:
 
     def on_body(self, piece: bytes) -> None:
         self.pieces.append(piece)
+        self._overhead -= 9 * len(piece)
 
     def on_message_complete(self) -> None:
         if self._interim:
