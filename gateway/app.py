@@ -13,7 +13,7 @@ import trio
 from gateway.auth import Auth
 from gateway.config import Config
 from gateway.drain import Drain
-from gateway.gate import ChatGate
+from gateway.gate import ChatGate, gate_settings
 from gateway.metrics import Metrics
 from gateway.providers.http import make_provider_client
 from gateway.providers.local import LocalOllama
@@ -71,6 +71,9 @@ async def serve(
             config.gate.capacity,
             max_queue=config.gate.max_queue,
             max_wait_s=config.gate.max_wait_s,
+            settings=gate_settings(config.gate),
+            clients=config.client,
+            loaded=inventory.loaded_models,
         )
         local = LocalOllama(target, inventory, gate)
         services = Services(

@@ -52,8 +52,7 @@ class LocalOllama:
 
     async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult:
         self.admit()
-        async with self._gate.hold(model) as waited:
-            record.gate_wait_s = waited
+        async with self._gate.serve(record, model):
             try:
                 answer = await self._target.chat(ollama_chat_body(request, model))
             except UpstreamError as exc:
@@ -71,8 +70,7 @@ class LocalOllama:
         self, request: ChatRequest, model: str, record: RequestRecord
     ) -> AsyncGenerator[Delta, None]:
         self.admit()
-        async with self._gate.hold(model) as waited:
-            record.gate_wait_s = waited
+        async with self._gate.serve(record, model):
             try:
                 async with aclosing(
                     self._target.chat_stream(ollama_chat_body(request, model))
