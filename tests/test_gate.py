@@ -307,3 +307,69 @@ async def test_figures_list_waiters_with_an_estimated_start(
         assert starts == {"c": pytest.approx(3.0), "b": pytest.approx(7.0)}
         assert gate.retry_after_s() == 3
         release.set()
+
+
+async def test_queue_full_retry_after_comes_from_the_measured_rate(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gate = ChatGate(1, max_queue=1)
+    gate.estimates.note("m", 20.0, 8.0)  # measured: 12 s generating after an 8 s load
+    async with trio.open_nursery() as nursery:
+
+        async def client() -> None:
+            async with gate.hold(Ask("a", "m")):
+                await trio.sleep(100)
+
+        nursery.start_soon(client)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(client)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(4.5)
+        with pytest.raises(GateFull) as refused:
+            gate.check_admission()
+        # The holder (m is resident: no load) is expected to end in 12 - 4.5 s.
+        assert refused.value.headers() == {"Retry-After": "8"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_notes_wait_ahead_gpu_time_and_load_in_the_record(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from gateway.config import ClientConfig
+    from gateway.record import RequestRecord
+
+    settings_of = {"bob": ClientConfig(priority="batch", weight=2.0)}
+    gate = ChatGate(1, clients=lambda name: settings_of.get(name, ClientConfig()))
+    records = [RequestRecord(f"r{n}", "POST", "/api/chat", "10.0.0.9:5000", 0.0) for n in (1, 2)]
+    records[1].client_name = "bob"
+    asks: list[Ask] = []
+
+    async def generate(record: RequestRecord, load_s: float) -> None:
+        async with gate.serve(record, "llama3"):
+            asks.extend(h.ask for h in gate.figures().holders)
+            await trio.sleep(10)
+            record.load_s = load_s  # what Ollama's final frame said
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(generate, records[0], 6.0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(generate, records[1], 0.001)
+    assert asks == [Ask("10.0.0.9", "llama3:latest"), Ask("bob", "llama3:latest", "batch", 2.0)]
+    assert (records[0].gate_wait_s, records[0].gate_ahead, records[0].gpu_s) == (0, 0, 10)
+    assert (records[1].gate_wait_s, records[1].gate_ahead, records[1].gpu_s) == (10, 0, 10)
+    assert gate.estimates.load_s("llama3:latest") == pytest.approx(6.0)
+
+
+async def test_resident_model_from_ps_until_the_gateway_runs_another(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    gate = ChatGate(1, max_queue=10, loaded=lambda: (frozenset({"y"}), 0.5))
+    assert gate.figures().resident == ("y",)
+    # z is granted at 0, then /api/ps (asked at 0.5) shows y loaded, not z (say another
+    # program used Ollama): at the release, y is what is resident.
+    plan = [(0.0, Ask("a", "z"), 5.0), (1.0, Ask("b", "x"), 5.0), (1.5, Ask("c", "y"), 5.0)]
+    plan.append((1.6, Ask("d", "x"), 5.0))
+    grants = await run_clients(gate, plan)
+    assert [c for _, c, _ in grants] == ["a", "c", "b", "d"]
+    # Granted after the poll, x is what the gateway ran last: fresher than the poll.
+    assert gate.figures().resident == ("x",)
