@@ -245,7 +245,7 @@ def table(results: list[Result]) -> str:
         cells = []
         for c in classes:
             p50, p95, worst = r.stats(c)
-            cells.append("-" if math.isnan(p50) else f"{p50:.0f} / {p95:.0f} / {worst:.0f}")
+            cells.append("-" if math.isnan(p50) else " / ".join(map(_secs, (p50, p95, worst))))
         mode = {"direct": "direct", "arrival": "gw arrival", "fair": "gw fair"}[r.mode]
         lines.append(
             f"| {r.workload} | {mode} | {r.swaps} | {r.makespan_s:.0f} | {r.busy:.0%} | "
@@ -253,6 +253,10 @@ def table(results: list[Result]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def _secs(value: float) -> str:
+    return f"{value:.2f}" if value < 1 else f"{value:.0f}"
 
 
 def targets(results: list[Result]) -> list[tuple[str, float, float, bool]]:
