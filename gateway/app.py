@@ -15,6 +15,7 @@ from gateway.config import Config
 from gateway.drain import Drain
 from gateway.gate import ChatGate, gate_settings
 from gateway.metrics import Metrics
+from gateway.pinning import pins_of
 from gateway.providers.http import make_provider_client
 from gateway.providers.local import LocalOllama
 from gateway.providers.registry import build_registry
@@ -75,7 +76,7 @@ async def serve(
             clients=config.client,
             loaded=inventory.loaded_models,
         )
-        local = LocalOllama(target, inventory, gate)
+        local = LocalOllama(target, inventory, gate, pins_of(config.models))
         services = Services(
             config=config,
             target=target,

@@ -61,8 +61,18 @@ def pin_body(body: bytes, pin: ModelConfig, protocol: Protocol = "ollama") -> by
     options = request.get("options")
     if options is not None and not isinstance(options, dict):
         return body  # Ollama's own 400 says what is wrong with it
+    return _encode(pin_request(request, pin))
+
+
+def pin_request(request: Mapping[str, Any], pin: ModelConfig) -> dict[str, Any]:
+    """A native Ollama generation request (decoded) with the pinned load options set."""
+    pinned = dict(request)
     if pin.num_ctx is not None:
-        request["options"] = {**(options or {}), "num_ctx": pin.num_ctx}
+        options = request.get("options")
+        pinned["options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "num_ctx": pin.num_ctx,
+        }
     if pin.keep_alive is not None:
-        request["keep_alive"] = pin.keep_alive
-    return _encode(request)
+        pinned["keep_alive"] = pin.keep_alive
+    return pinned

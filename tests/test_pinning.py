@@ -128,3 +128,20 @@ async def test_without_pinning_the_same_clients_make_ollama_reload(
     for num_ctx in (2048, 16384, None, 2048, 4096):
         await chat_with_ctx(gw.client, num_ctx)
     assert ollama.loads == {"llama3:latest": 5}
+
+
+async def test_router_calls_to_a_pinned_local_model_carry_the_pin(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    gw = await start_gateway(make_config(ollama.url, models={"llama3": {"num_ctx": 8192}}))
+    await chat_with_ctx(gw.client, 2048)  # loads llama3 with the pinned 8192
+    messages = [{"role": "user", "content": "hi"}]
+    for stream in (False, True):
+        body = {"model": "ollama/llama3", "messages": messages, "max_tokens": 5, "stream": stream}
+        with trio.fail_after(10):
+            response = await gw.client.post("/v1/chat", json=body)
+        assert response.status_code == 200
+        sent = ollama.requests_to("/api/chat")[-1].json()
+        assert sent["options"] == {"num_predict": 5, "num_ctx": 8192}
+        assert "keep_alive" not in sent
+    assert ollama.loads == {"llama3:latest": 1}
