@@ -263,7 +263,7 @@ class ChatGate:
         return Grant(ticket, entry.number, trio.current_time() - started, ahead, deadline)
 
     def _take(self, ticket: int, ask: Ask, now: float) -> int:
-        if ask.model not in self._resident(now):
+        if not self._is_resident(ask.model):
             self._run_s = 0.0  # this grant loads another model: a new run begins
         self._holders[ticket] = Holder(ticket, ask, now)
         self._granted_total += 1
@@ -293,7 +293,16 @@ class ChatGate:
 
     # ------------------------------------------------------------------ what it knows
 
-    def _resident(self, now: float) -> frozenset[str]:
+    def _is_resident(self, model: str) -> bool:
+        """`model in self._resident()`, without building the set (on every grant)."""
+        if any(h.ask.model == model for h in self._holders.values()):
+            return True
+        models, polled_at = self._loaded()
+        if self._last_model is not None and self._last_grant_at >= polled_at:
+            return model == self._last_model
+        return model in models
+
+    def _resident(self) -> frozenset[str]:
         """The models on the GPU: what the gateway last ran when that is fresher than the
         last `/api/ps` poll (one chat model at a time), else what the poll saw."""
         running = frozenset(h.ask.model for h in self._holders.values())
@@ -309,7 +318,7 @@ class ChatGate:
         for h in self._holders.values():  # time held so far counts already
             usage[h.ask.client] += now - h.since
         run_s = self._run_s + sum(now - h.since for h in self._holders.values())
-        return schedule.View(now, self._resident(now), run_s, usage)
+        return schedule.View(now, self._resident(), run_s, usage)
 
     def _slots(self, now: float) -> list[Slot]:
         return [
@@ -342,5 +351,5 @@ class ChatGate:
             ),
             granted_total=self._granted_total,
             order=self.settings.order,
-            resident=tuple(sorted(self._resident(now))),
+            resident=tuple(sorted(self._resident())),
         )

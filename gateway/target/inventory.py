@@ -67,6 +67,7 @@ class Inventory:
         self._last_poll_started = -float("inf")
         self._polled = trio.Event()
         self._polled_clock = -float("inf")  # trio time of the last good poll
+        self._loaded_set: frozenset[str] = frozenset()
 
     @property
     def target(self) -> str:
@@ -80,7 +81,7 @@ class Inventory:
 
     def loaded_models(self) -> tuple[frozenset[str], float]:
         """The models `/api/ps` showed loaded (canonical names), and when (trio clock)."""
-        return frozenset(self.snapshot.loaded), self._polled_clock
+        return self._loaded_set, self._polled_clock
 
     def is_loaded(self, model: str) -> bool:
         return canonical_model(model) in self.snapshot.loaded
@@ -175,6 +176,7 @@ class Inventory:
             polled_at=time.time(),
         )
         self._polled_clock = asked
+        self._loaded_set = frozenset(self.snapshot.loaded)
         if self.degraded:
             self.degraded = False
             self.last_error = ""
