@@ -138,6 +138,8 @@ class ChatGate:
         self._last_model: str | None = None
         self._last_grant_at = -math.inf
         self._run_s = 0.0  # GPU-seconds of finished holds since the last model load
+        self.switches = 0  # grants of a model that was not resident (Ollama loads it)
+        self.overdue_grants = 0  # grants the overtake bound decided
 
     @property
     def queued(self) -> int:
@@ -146,6 +148,12 @@ class ChatGate:
     @property
     def busy(self) -> int:
         return len(self._holders)
+
+    def queued_by_priority(self) -> dict[str, int]:
+        counts = dict.fromkeys(schedule.PRIORITY_NAMES, 0)
+        for entry in self._queue.values():
+            counts[entry.ask.priority] = counts.get(entry.ask.priority, 0) + 1
+        return counts
 
     # ------------------------------------------------------------------ admission
 
@@ -265,6 +273,7 @@ class ChatGate:
     def _take(self, ticket: int, ask: Ask, now: float) -> int:
         if not self._is_resident(ask.model):
             self._run_s = 0.0  # this grant loads another model: a new run begins
+            self.switches += 1
         self._holders[ticket] = Holder(ticket, ask, now)
         self._granted_total += 1
         self._last_model = ask.model
@@ -286,6 +295,8 @@ class ChatGate:
             waiter = schedule.pick(
                 [e.waiter for e in self._queue.values()], self._view(now), self.settings
             )
+            if self.settings.order == "fair" and waiter.deadline <= now:
+                self.overdue_grants += 1
             entry = self._queue.pop(waiter.ticket)
             entry.granted = True
             entry.number = self._take(waiter.ticket, entry.ask, now)

@@ -373,3 +373,15 @@ async def test_resident_model_from_ps_until_the_gateway_runs_another(
     assert [c for _, c, _ in grants] == ["a", "c", "b", "d"]
     # Granted after the poll, x is what the gateway ran last: fresher than the poll.
     assert gate.figures().resident == ("x",)
+
+
+async def test_switches_and_overdue_grants_are_counted(autojump_clock: trio.abc.Clock) -> None:
+    gate = fair_gate(max_overtake_s=5.0)
+    plan = [(0.0, Ask("a", "x"), 10.0), (1.0, Ask("b", "y", "batch"), 1.0)]
+    plan += [(2.0, Ask("c", "x", "interactive"), 1.0), (3.0, Ask("d", "x"), 1.0)]
+    grants = await run_clients(gate, plan)
+    # Nothing measured yet: each is due 5 s after arriving. At 10 s all three are overdue
+    # and go earliest deadline first: b (due 6 s) before c's priority and d's warm model.
+    assert [c for _, c, _ in grants] == ["a", "b", "c", "d"]
+    assert (gate.switches, gate.overdue_grants) == (3, 3)  # x, y, x again; d finds x
+    assert gate.queued_by_priority() == {"interactive": 0, "normal": 0, "batch": 0}
