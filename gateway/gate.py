@@ -49,7 +49,8 @@ class Ask:
 @dataclass(slots=True)
 class Grant:
     """A granted slot: how long it took and how many waited ahead on arrival. The holder
-    may note the model load time Ollama reported (`load_duration`), for the estimates."""
+    may note the model load time Ollama reported (`load_duration`), for the estimates, or
+    that the hold was no whole generation (then it is not measured)."""
 
     ticket: int
     number: int  # this was the gate's n-th grant: the order of grants
@@ -57,6 +58,7 @@ class Grant:
     ahead: int
     deadline: float
     load_s: float | None = None
+    measured: bool = True  # a whole generation: its times feed the estimates
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,9 +211,14 @@ class ChatGate:
             granted = trio.current_time()
             try:
                 yield grant
+            except BaseException:
+                grant.measured = False  # cut short (client gone, upstream failed)
+                raise
             finally:
                 record.gpu_s = trio.current_time() - granted
                 grant.load_s = record.load_s
+                if record.status not in (0, 200):
+                    grant.measured = False  # an error answer says nothing of the rate
 
     @asynccontextmanager
     async def hold(self, ask: Ask | None = None) -> AsyncIterator[Grant]:
@@ -232,7 +239,7 @@ class ChatGate:
         try:
             yield grant
         finally:
-            self._release(ticket, grant.load_s)
+            self._release(ticket, grant.load_s, measured=grant.measured)
 
     async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
         ahead = len(self._queue)
@@ -280,13 +287,13 @@ class ChatGate:
         self._last_grant_at = now
         return self._granted_total
 
-    def _release(self, ticket: int, load_s: float | None) -> None:
+    def _release(self, ticket: int, load_s: float | None, *, measured: bool = False) -> None:
         holder = self._holders.pop(ticket)
         now = trio.current_time()
         held = now - holder.since
         self._usage.add(holder.ask.client, held, now)
         self._run_s += held
-        if holder.ask.model:
+        if measured and holder.ask.model:
             self.estimates.note(holder.ask.model, held, load_s)
         self._dispatch(now)
 

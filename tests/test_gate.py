@@ -385,3 +385,22 @@ async def test_switches_and_overdue_grants_are_counted(autojump_clock: trio.abc.
     assert [c for _, c, _ in grants] == ["a", "b", "c", "d"]
     assert (gate.switches, gate.overdue_grants) == (3, 3)  # x, y, x again; d finds x
     assert gate.queued_by_priority() == {"interactive": 0, "normal": 0, "batch": 0}
+
+
+async def test_cut_short_holds_do_not_feed_the_estimates(autojump_clock: trio.abc.Clock) -> None:
+    from gateway.record import RequestRecord
+
+    gate = ChatGate(1)
+    record = RequestRecord("r", "POST", "/api/chat", "10.0.0.9:5000", 0.0)
+    with trio.move_on_after(1):  # the client leaves mid-generation
+        async with gate.serve(record, "m"):
+            await trio.sleep(10)
+    record.status = 404
+    async with gate.serve(record, "m"):
+        await trio.sleep(0.01)  # Ollama's quick error answer
+    assert gate.estimates.service == {}
+    record.status = 200
+    async with gate.serve(record, "m"):
+        await trio.sleep(4)
+    assert gate.estimates.service == {"m:latest": pytest.approx(4.0)}
+    assert record.gpu_s == pytest.approx(4.0)
