@@ -66,6 +66,7 @@ class Holder:
     ticket: int
     ask: Ask
     since: float
+    loads: bool = False  # its model was not resident: Ollama loads it first
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,18 +174,10 @@ class ChatGate:
     def retry_after_s(self) -> int:
         """Seconds until a place in the queue is expected to free: the next grant, from
         the measured generation and load times (at least 1)."""
-        now = trio.current_time()
-        slots = self._slots(now)
-        view = self._view(now)
-        starts = schedule.plan(
-            [e.waiter for e in self._queue.values()],
-            view,
-            self.settings,
-            holders=slots,
-            capacity=self.capacity,
-            estimates=self.estimates,
-        )
-        first = min(starts.values(), default=min((s.left_s for s in slots), default=0.0))
+        # With every slot taken, the next grant comes when the first holder is expected
+        # to finish (the policy run forward, `plan`, starts its first waiter there too).
+        slots = self._slots(trio.current_time())
+        first = min((s.left_s for s in slots), default=0.0)
         return max(1, min(_RETRY_AFTER_MAX_S, math.ceil(first)))
 
     def refuse_waiters(self, reason: str) -> None:
@@ -278,10 +271,11 @@ class ChatGate:
         return Grant(ticket, entry.number, trio.current_time() - started, ahead, deadline)
 
     def _take(self, ticket: int, ask: Ask, now: float) -> int:
-        if not self._is_resident(ask.model):
+        loads = not self._is_resident(ask.model)
+        if loads:
             self._run_s = 0.0  # this grant loads another model: a new run begins
             self.switches += 1
-        self._holders[ticket] = Holder(ticket, ask, now)
+        self._holders[ticket] = Holder(ticket, ask, now, loads)
         self._granted_total += 1
         self._last_model = ask.model
         self._last_grant_at = now
@@ -340,12 +334,13 @@ class ChatGate:
 
     def _slots(self, now: float) -> list[Slot]:
         return [
-            Slot(
-                h.ask.model,
-                max(0.0, self.estimates.service_s(h.ask.model) - (now - h.since)),
-            )
+            Slot(h.ask.model, max(0.0, self._expected_s(h) - (now - h.since)))
             for h in self._holders.values()
         ]
+
+    def _expected_s(self, holder: Holder) -> float:
+        load = self.estimates.load_s(holder.ask.model) if holder.loads else 0.0
+        return self.estimates.service_s(holder.ask.model) + load
 
     def figures(self) -> GateFigures:
         now = trio.current_time()
