@@ -7,6 +7,8 @@ process share another, so the load never competes with the gateway for CPU. The 
 requests go directly to the upstream and through the gateway, interleaved (alternating
 request by request, or block by block for throughput), so machine noise hits both alike.
 
+`--sched` runs the GPU scheduling benchmark instead (`bench.sched`).
+
 It prints a table (metric | direct | gateway | ratio/added | target | ok?) and writes a
 JSON report (`bench-report.json`, or `--out`). `--profile` runs a different, shorter
 job: the gateway under py-spy with the non-streaming chat load, and a summary of where
@@ -1432,7 +1434,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"add a LiteLLM {litellm_proxy.VERSION} column (installed once, in its own venv)",
     )
+    parser.add_argument(
+        "--sched",
+        action="store_true",
+        help="instead: the GPU scheduling benchmark (bench.sched, simulated GPU host)",
+    )
     args = parser.parse_args(argv)
+    if args.sched:
+        from bench import sched
+
+        return sched.main(["--out", args.out] if args.out else [])
     args.litellm_bin = None
     if args.litellm:
         if args.profile:

@@ -13,8 +13,9 @@ import trio
 from gateway.auth import Auth
 from gateway.config import Config
 from gateway.drain import Drain
-from gateway.gate import ChatGate
+from gateway.gate import ChatGate, gate_settings
 from gateway.metrics import Metrics
+from gateway.pinning import pins_of
 from gateway.providers.http import make_provider_client
 from gateway.providers.local import LocalOllama
 from gateway.providers.registry import build_registry
@@ -71,8 +72,11 @@ async def serve(
             config.gate.capacity,
             max_queue=config.gate.max_queue,
             max_wait_s=config.gate.max_wait_s,
+            settings=gate_settings(config.gate),
+            clients=config.client,
+            loaded=inventory.loaded_models,
         )
-        local = LocalOllama(target, inventory, gate)
+        local = LocalOllama(target, inventory, gate, pins_of(config.models))
         services = Services(
             config=config,
             target=target,

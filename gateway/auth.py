@@ -63,6 +63,11 @@ class Auth:
     def enabled(self) -> bool:
         return bool(self._tokens or self._admin)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The names of the inbound tokens (clients and admins); never the tokens."""
+        return frozenset(name for name, _ in self._tokens + self._admin)
+
     def describe(self) -> str:
         if not self.enabled:
             return "off"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from gateway.config import Config, ConfigError, load, provider_names, redact_url
 from gateway.providers.keys import resolve_key
 
 log = logging.getLogger("gateway")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         auth = Auth.from_config(config.auth, environ)
+        check_clients(config, auth)
         if args.command == "check-config":
             print(render_config(config, environ))
             print(f"# inbound auth: {auth.describe()}")
@@ -70,6 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_clients(config: Config, auth: Auth) -> None:
+    """With auth on, a client is a token's name: `[clients.x]` for a name no token has
+    would never apply, which is a mistake to say now rather than find out later."""
+    if not auth.enabled:
+        return
+    unknown = sorted(set(config.clients) - auth.names)
+    if unknown:
+        known = ", ".join(sorted(auth.names))
+        raise ConfigError(
+            f"clients.{unknown[0]}: no inbound token is named {unknown[0]!r}; with auth on,"
+            f" [clients.<name>] tables are keyed by token name (known: {known})"
+        )
 
 
 async def _serve_until_signal(config: Config, environ: Mapping[str, str]) -> None:
@@ -117,14 +134,19 @@ def _render_table(lines: list[str], prefix: str, table: dict[str, object]) -> No
     for key, value in table.items():
         if isinstance(value, dict):
             nested.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
+        elif value is not None:  # unset (TOML has no null)
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     for key, value in nested:
-        name = f"{prefix}{key}"
+        name = f"{prefix}{_toml_key(key)}"
         if any(not isinstance(v, dict) for v in value.values()):
             lines.append("")
             lines.append(f"[{name}]")
         _render_table(lines, f"{name}.", value)
+
+
+def _toml_key(key: str) -> str:
+    """A bare key when TOML allows one, else quoted (`models."qwen2.5:7b"`)."""
+    return key if _BARE_KEY.fullmatch(key) else msgspec.json.encode(key).decode()
 
 
 def _toml_value(value: object) -> str:

@@ -10,6 +10,7 @@ Secrets are never in this file: it names the variables and `.env` files that hol
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,10 +52,21 @@ class OllamaConfig(_Section, frozen=True):
 
 
 class GateConfig(_Section, frozen=True):
+    """The GPU host's gate and its scheduler (ADR 0007, ADR 0017)."""
+
     capacity: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_queue: Count = 64
     # 0 waits as long as the client does.
     max_wait_s: SecondsOrOff = 0.0
+    # "fair": priority, fair share, model affinity, bounded overtaking; "arrival": FIFO.
+    order: Literal["fair", "arrival"] = "fair"
+    # No request starts later than arrival order would have started it plus this.
+    max_overtake_s: Seconds = 120.0
+    # GPU-seconds served on the loaded model before a waiter for another model may take
+    # over (0: no affinity). A swap costs seconds to tens of seconds.
+    affinity_quantum_s: SecondsOrOff = 30.0
+    # Fair share counts each client's GPU-seconds decaying with this time constant.
+    fair_window_s: Seconds = 120.0
 
 
 class ProviderConfig(_Section, frozen=True):
@@ -126,6 +138,18 @@ class ClientConfig(_Section, frozen=True):
     cloud_requests_per_day: Count = 0
 
 
+# A Go duration as Ollama's keep_alive takes it ("30m", "1h30m", "-1s"), or seconds.
+_KEEP_ALIVE = re.compile(r"-?(?:\d+(?:\.\d*)?(?:ns|us|µs|ms|s|m|h))+|-?\d+(?:\.\d*)?")
+
+
+class ModelConfig(_Section, frozen=True):
+    """Load-time options pinned for one model (ADR 0017): sent to Ollama whatever the
+    client asked, so clients that disagree on them never make Ollama reload the model."""
+
+    num_ctx: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    keep_alive: str | int | None = None
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -146,6 +170,7 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
 
     def client(self, name: str) -> ClientConfig:
         """A client's settings; one not configured gets the defaults."""
@@ -195,6 +220,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
         for name in provider_names():
             _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
         _check_tls(config.tls)
+        _check_models(config.models)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
@@ -215,6 +241,15 @@ def _check_tls(tls: TlsConfig) -> None:
         path = getattr(tls, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"tls.{key}: no such file {path!r}")
+
+
+def _check_models(models: Mapping[str, ModelConfig]) -> None:
+    for name, pin in models.items():
+        if isinstance(pin.keep_alive, str) and not _KEEP_ALIVE.fullmatch(pin.keep_alive):
+            raise ConfigError(
+                f'models.{name!r}.keep_alive: expected a duration such as "30m" or'
+                f" a number of seconds, got {pin.keep_alive!r}"
+            )
 
 
 def _with_provider_defaults(raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,32 +1,79 @@
-"""The chat gate: at most `capacity` generations on the GPU host at once, first come first served.
+"""The chat gate: at most `capacity` generations on the GPU host at once, granted by the
+scheduling policy (`gateway.schedule`, ADR 0017) each time a slot frees.
 
-It is a Trio memory channel with a buffer of `capacity`: acquiring sends a token (blocking
-while the buffer is full), releasing receives one. Trio queues blocked senders in FIFO
-order with no barging, removes a sender whose wait is cancelled (a client that left), and
-lets any task release (a channel, unlike `trio.Lock`, has no owner). The queue is bounded
-by `max_queue`: `check_admission` refuses before a response starts, so the refusal can
-still be a clean 503.
+A request that finds a slot free and nobody queued takes it without a checkpoint. Otherwise
+it queues with its client, priority, weight, model and a deadline (what arrival order
+would have given it plus `max_overtake_s`), and waits on an event of its own; on each
+release the gate asks the policy for the next waiter and grants it. A waiter whose wait is
+cancelled (a client that left, `max_wait_s`, shutdown) is simply removed. The queue is
+bounded by `max_queue`: `check_admission` refuses before a response starts, so the refusal
+can still be a clean 503, with a `Retry-After` from the measured service rate.
 
-This module imports nothing of the gateway but its errors, on purpose.
+The gate learns what it needs as it goes: GPU-seconds per client (fair share), generation
+and load times per model (estimates), and the model it last ran (affinity), which is
+fresher than the inventory's `/api/ps` until the next poll.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
+from gateway import schedule
+from gateway.config import ClientConfig, GateConfig
 from gateway.errors import GateFull, GateTimeout, ShuttingDown
+from gateway.record import RequestRecord
+from gateway.schedule import Estimates, Settings, Slot, Usage, Waiter
+from gateway.target.wire import canonical_model
+
+# Ollama's `/api/ps` as of a time on the trio clock (-inf: never polled).
+Loaded = Callable[[], tuple[frozenset[str], float]]
+_RETRY_AFTER_MAX_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Who asks for the GPU, for what model, with which client settings."""
+
+    client: str = ""
+    model: str = ""
+    priority: str = "normal"
+    weight: float = 1.0
+
+
+@dataclass(slots=True)
+class Grant:
+    """A granted slot: how long it took and how many waited ahead on arrival. The holder
+    may note the model load time Ollama reported (`load_duration`), for the estimates, or
+    that the hold was no whole generation (then it is not measured)."""
+
+    ticket: int
+    number: int  # this was the gate's n-th grant: the order of grants
+    waited_s: float
+    ahead: int
+    deadline: float
+    load_s: float | None = None
+    measured: bool = True  # a whole generation: its times feed the estimates
 
 
 @dataclass(frozen=True, slots=True)
 class Holder:
     ticket: int
-    label: str
+    ask: Ask
     since: float
+    loads: bool = False  # its model was not resident: Ollama loads it first
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    ask: Ask
+    arrived: float
+    start_in_s: float  # estimated, from the policy run forward on measured times
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,30 +83,82 @@ class GateFigures:
     queued: int
     max_queue: int
     holders: tuple[Holder, ...]
+    waiters: tuple[Queued, ...]
     granted_total: int
+    order: str
+    resident: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Entry:
+    waiter: Waiter
+    ask: Ask
+    event: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    granted: bool = False
+    number: int = 0
+
+
+def _no_ps() -> tuple[frozenset[str], float]:
+    return frozenset(), -math.inf
+
+
+def gate_settings(config: GateConfig) -> Settings:
+    return Settings(
+        order=config.order,
+        quantum_s=config.affinity_quantum_s,
+        max_overtake_s=config.max_overtake_s,
+        window_s=config.fair_window_s,
+    )
 
 
 class ChatGate:
-    def __init__(self, capacity: int = 1, *, max_queue: int = 64, max_wait_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        capacity: int = 1,
+        *,
+        max_queue: int = 64,
+        max_wait_s: float = 0.0,
+        settings: Settings | None = None,
+        clients: Callable[[str], ClientConfig] | None = None,
+        loaded: Loaded = _no_ps,
+    ) -> None:
         if capacity < 1:
             raise ValueError("gate capacity must be at least 1")
         self.capacity = capacity
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
-        self._send, self._receive = trio.open_memory_channel[None](capacity)
+        self.settings = settings or Settings()
+        self._clients = clients
+        self._loaded = loaded
+        self.estimates = Estimates()
+        self._usage = Usage(self.settings.window_s)
         self._holders: dict[int, Holder] = {}
-        self._waiting: dict[int, trio.CancelScope] = {}
+        self._queue: dict[int, _Entry] = {}
         self._tickets = itertools.count(1)
         self._granted_total = 0
         self._refusal = ""
+        self._last_model: str | None = None
+        self._last_grant_at = -math.inf
+        self._run_s = 0.0  # GPU-seconds of finished holds since the last model load
+        self.switches = 0  # grants of a model that was not resident (Ollama loads it)
+        self.overdue_grants = 0  # grants the overtake bound decided
 
     @property
     def queued(self) -> int:
-        return self._send.statistics().tasks_waiting_send
+        return len(self._queue)
 
     @property
     def busy(self) -> int:
-        return self._send.statistics().current_buffer_used
+        return len(self._holders)
+
+    def queued_by_priority(self) -> dict[str, int]:
+        counts = dict.fromkeys(schedule.PRIORITY_NAMES, 0)
+        for entry in self._queue.values():
+            counts[entry.ask.priority] = counts.get(entry.ask.priority, 0) + 1
+        return counts
+
+    # ------------------------------------------------------------------ admission
 
     def check_admission(self) -> None:
         """Refuse now if a new waiter would overflow the queue (call before responding)."""
@@ -69,61 +168,201 @@ class ChatGate:
             raise GateFull(
                 f"server busy, {self.queued} requests are already waiting for the model;"
                 " retry later",
-                retry_after_s=max(1, self.queued // max(self.capacity, 1)),
+                retry_after_s=self.retry_after_s(),
             )
+
+    def retry_after_s(self) -> int:
+        """Seconds until a place in the queue is expected to free: the next grant, from
+        the measured generation and load times (at least 1)."""
+        # With every slot taken, the next grant comes when the first holder is expected
+        # to finish (the policy run forward, `plan`, starts its first waiter there too).
+        slots = self._slots(trio.current_time())
+        first = min((s.left_s for s in slots), default=0.0)
+        return max(1, min(_RETRY_AFTER_MAX_S, math.ceil(first)))
 
     def refuse_waiters(self, reason: str) -> None:
         """From now on refuse everyone who waits or comes (shutdown); holders keep the gate."""
         self._refusal = reason
-        for scope in self._waiting.values():
-            scope.cancel()
+        for entry in self._queue.values():
+            entry.scope.cancel()
+
+    # ------------------------------------------------------------------ holding
+
+    def ask_for(self, record: RequestRecord, model: str) -> Ask:
+        """The request's identity and client settings, as the scheduler sees them."""
+        who = record.who
+        client = self._clients(who) if self._clients is not None else ClientConfig()
+        return Ask(who, canonical_model(model), client.priority, client.weight)
 
     @asynccontextmanager
-    async def hold(self, label: str = "") -> AsyncIterator[float]:
-        """Wait for a slot, hold it for the body of the `async with`, yield the wait in seconds.
+    async def serve(self, record: RequestRecord, model: str) -> AsyncIterator[Grant]:
+        """Hold the gate for one generation and note it in the request's record: the wait,
+        how many were ahead, the GPU time held, and the load time Ollama reported."""
+        async with self.hold(self.ask_for(record, model)) as grant:
+            record.gate_wait_s = grant.waited_s
+            record.gate_ahead = grant.ahead
+            granted = trio.current_time()
+            try:
+                yield grant
+            except BaseException:
+                grant.measured = False  # cut short (client gone, upstream failed)
+                raise
+            finally:
+                record.gpu_s = trio.current_time() - granted
+                grant.load_s = record.load_s
+                if record.status not in (0, 200):
+                    grant.measured = False  # an error answer says nothing of the rate
+
+    @asynccontextmanager
+    async def hold(self, ask: Ask | None = None) -> AsyncIterator[Grant]:
+        """Wait for a slot, hold it for the body of the `async with`, yield the `Grant`.
 
         Admission is checked again here because other clients may have queued between
         the caller's check and now; a waiter beyond `max_queue` would break the bound.
         """
+        ask = ask or Ask()
         self.check_admission()
         started = trio.current_time()
         ticket = next(self._tickets)
-        waiting = trio.CancelScope()
-        if self.max_wait_s > 0:
-            waiting.deadline = started + self.max_wait_s
+        if self.busy < self.capacity and not self._queue:
+            # A free slot is taken without a trip through the scheduler: nobody queues.
+            grant = Grant(ticket, self._take(ticket, ask, started), 0.0, 0, started)
+        else:
+            grant = await self._wait(ticket, ask, started)
         try:
-            # A free slot is taken without a trip through the scheduler. It is free only
-            # when nobody queues: trio hands a freed slot to the first waiter at once.
-            self._send.send_nowait(None)
-        except trio.WouldBlock:
-            self._waiting[ticket] = waiting
-            try:
-                with waiting:
-                    await self._send.send(None)
-            finally:
-                del self._waiting[ticket]
-        if waiting.cancelled_caught:
+            yield grant
+        finally:
+            self._release(ticket, grant.load_s, measured=grant.measured)
+
+    async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
+        ahead = len(self._queue)
+        fifo_in_s = schedule.arrival_start(
+            self._slots(started),
+            [e.ask.model for e in sorted(self._queue.values(), key=lambda e: e.waiter.ticket)],
+            ask.model,
+            capacity=self.capacity,
+            last_model=self._last_model,
+            estimates=self.estimates,
+        )
+        deadline = started + fifo_in_s + self.settings.max_overtake_s
+        rank = schedule.RANKS.get(ask.priority, schedule.RANKS["normal"])
+        waiter = Waiter(ticket, ask.client, rank, ask.weight, ask.model, started, deadline)
+        entry = self._queue[ticket] = _Entry(waiter, ask)
+        if self.max_wait_s > 0:
+            entry.scope.deadline = started + self.max_wait_s
+        try:
+            with entry.scope:
+                await entry.event.wait()
+        except BaseException:
+            # Cancelled (deadline, client gone) in the same tick as it was granted: the
+            # grant is never used, the slot goes to the next waiter at once.
+            if entry.granted:
+                self._release(ticket, None)
+            raise
+        finally:
+            self._queue.pop(ticket, None)
+        if not entry.granted:
             if self._refusal:
                 raise ShuttingDown(self._refusal, retry_after_s=5)
             raise GateTimeout(
                 f"server busy, waited {self.max_wait_s:g} s for the model; retry later",
                 retry_after_s=max(1, int(self.max_wait_s)),
             )
-        now = trio.current_time()
-        self._holders[ticket] = Holder(ticket, label, now)
+        return Grant(ticket, entry.number, trio.current_time() - started, ahead, deadline)
+
+    def _take(self, ticket: int, ask: Ask, now: float) -> int:
+        loads = not self._is_resident(ask.model)
+        if loads:
+            self._run_s = 0.0  # this grant loads another model: a new run begins
+            self.switches += 1
+        self._holders[ticket] = Holder(ticket, ask, now, loads)
         self._granted_total += 1
-        try:
-            yield now - started
-        finally:
-            del self._holders[ticket]
-            self._receive.receive_nowait()
+        self._last_model = ask.model
+        self._last_grant_at = now
+        return self._granted_total
+
+    def _release(self, ticket: int, load_s: float | None, *, measured: bool = False) -> None:
+        holder = self._holders.pop(ticket)
+        now = trio.current_time()
+        held = now - holder.since
+        self._usage.add(holder.ask.client, held, now)
+        self._run_s += held
+        if measured and holder.ask.model:
+            self.estimates.note(holder.ask.model, held, load_s)
+        self._dispatch(now)
+
+    def _dispatch(self, now: float) -> None:
+        while self.busy < self.capacity and self._queue:
+            waiter = schedule.pick(
+                [e.waiter for e in self._queue.values()], self._view(now), self.settings
+            )
+            if self.settings.order == "fair" and waiter.deadline <= now:
+                self.overdue_grants += 1
+            entry = self._queue.pop(waiter.ticket)
+            entry.granted = True
+            entry.number = self._take(waiter.ticket, entry.ask, now)
+            entry.event.set()
+
+    # ------------------------------------------------------------------ what it knows
+
+    def _is_resident(self, model: str) -> bool:
+        """`model in self._resident()`, without building the set (on every grant)."""
+        if any(h.ask.model == model for h in self._holders.values()):
+            return True
+        models, polled_at = self._loaded()
+        if self._last_model is not None and self._last_grant_at >= polled_at:
+            return model == self._last_model
+        return model in models
+
+    def _resident(self) -> frozenset[str]:
+        """The models on the GPU: what the gateway last ran when that is fresher than the
+        last `/api/ps` poll (one chat model at a time), else what the poll saw."""
+        running = frozenset(h.ask.model for h in self._holders.values())
+        models, polled_at = self._loaded()
+        if self._last_model is not None and self._last_grant_at >= polled_at:
+            return running | {self._last_model}
+        return running | models
+
+    def _view(self, now: float) -> schedule.View:
+        clients = {e.ask.client for e in self._queue.values()}
+        clients.update(h.ask.client for h in self._holders.values())
+        usage = self._usage.snapshot(now, clients)
+        for h in self._holders.values():  # time held so far counts already
+            usage[h.ask.client] += now - h.since
+        run_s = self._run_s + sum(now - h.since for h in self._holders.values())
+        return schedule.View(now, self._resident(), run_s, usage)
+
+    def _slots(self, now: float) -> list[Slot]:
+        return [
+            Slot(h.ask.model, max(0.0, self._expected_s(h) - (now - h.since)))
+            for h in self._holders.values()
+        ]
+
+    def _expected_s(self, holder: Holder) -> float:
+        load = self.estimates.load_s(holder.ask.model) if holder.loads else 0.0
+        return self.estimates.service_s(holder.ask.model) + load
 
     def figures(self) -> GateFigures:
+        now = trio.current_time()
+        entries = sorted(self._queue.values(), key=lambda e: e.waiter.ticket)
+        starts = schedule.plan(
+            [e.waiter for e in entries],
+            self._view(now),
+            self.settings,
+            holders=self._slots(now),
+            capacity=self.capacity,
+            estimates=self.estimates,
+        )
         return GateFigures(
             capacity=self.capacity,
             busy=self.busy,
             queued=self.queued,
             max_queue=self.max_queue,
             holders=tuple(self._holders.values()),
+            waiters=tuple(
+                Queued(e.ask, e.waiter.arrived, starts.get(e.waiter.ticket, 0.0)) for e in entries
+            ),
             granted_total=self._granted_total,
+            order=self.settings.order,
+            resident=tuple(sorted(self._resident())),
         )

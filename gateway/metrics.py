@@ -41,6 +41,24 @@ class _Live(Collector):
         yield GaugeMetricFamily(
             "gateway_gate_queue_depth", "Requests waiting for the gate.", gate.queued
         )
+        by_priority = GaugeMetricFamily(
+            "gateway_gate_queue_depth_by_priority",
+            "Requests waiting for the gate, by their client's priority.",
+            labels=["priority"],
+        )
+        for priority, count in gate.queued_by_priority().items():
+            by_priority.add_metric([priority], count)
+        yield by_priority
+        yield CounterMetricFamily(
+            "gateway_gate_model_switches",
+            "Grants of a model that was not loaded (Ollama loads it, unloading another).",
+            gate.switches,
+        )
+        yield CounterMetricFamily(
+            "gateway_gate_overdue_grants",
+            "Grants decided by the overtake bound (gate.max_overtake_s).",
+            gate.overdue_grants,
+        )
         inventory = self._inventory
         yield GaugeMetricFamily(
             "gateway_inventory_degraded",

@@ -32,6 +32,7 @@ class RequestRecord:
     provider: str = ""
     status: int = 0
     gate_wait_s: float | None = None
+    gate_ahead: int | None = None  # requests queued for the gate when this one arrived
     gpu_s: float | None = None  # time this request held the GPU host's gate (local generation)
     upstream_headers_s: float | None = None  # request sent -> upstream answer headers
     upstream_s: float | None = None  # request sent -> upstream answer complete

@@ -252,3 +252,23 @@ async def test_check_config_prints_a_config_that_loads(tmp_path: Path) -> None:
     resolved = tomllib.loads(done.stdout.decode())
     assert resolved["bind"] == "127.0.0.1:11435"
     assert resolved["gate"]["max_queue"] == 64
+
+
+async def test_check_config_refuses_a_client_no_token_is_named(tmp_path: Path) -> None:
+    """With auth on, `[clients.x]` is keyed by token name: a name no token has is a typo."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:tok-a-9f3\nnightly:tok-n-7c1\n", encoding="utf-8")
+    config = tmp_path / "gateway.toml"
+    base = f'[auth]\ntokens_file = "{tokens}"\n[clients.alice]\npriority = "interactive"\n'
+    config.write_text(base + "[clients.alcie]\nweight = 2.0\n", encoding="utf-8")
+    done = await _run("check-config", "--config", str(config))
+    assert done.returncode == 1
+    assert b"clients.alcie: no inbound token is named 'alcie'" in done.stderr, done.stderr
+    assert b"tok-" not in done.stderr
+    config.write_text(base + '[models."qwen2.5:7b"]\nnum_ctx = 8192\n', encoding="utf-8")
+    done = await _run("check-config", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    resolved = tomllib.loads(done.stdout.decode())
+    assert resolved["clients"]["alice"]["priority"] == "interactive"
+    assert resolved["models"]["qwen2.5:7b"] == {"num_ctx": 8192}
+    assert b"tok-" not in done.stdout

@@ -6,7 +6,7 @@ import trio.testing
 
 from gateway.drain import Drain
 from gateway.errors import ShuttingDown
-from gateway.gate import ChatGate
+from gateway.gate import Ask, ChatGate
 
 
 async def test_work_that_ends_within_the_grace_is_left_alone(
@@ -61,7 +61,7 @@ async def test_new_work_is_refused_and_the_gate_queue_is_shed(
     async def chat(name: str, seconds: float) -> None:
         try:
             with drain.track() as activity, activity.scope:
-                async with gate.hold(name):
+                async with gate.hold(Ask(client=name)):
                     await trio.sleep(seconds)
                     results.append(f"{name} done")
         except ShuttingDown:

@@ -92,6 +92,9 @@ async def test_metrics_is_prometheus_text_with_every_family(gateway: RunningGate
         "gateway_gate_capacity": "gauge",
         "gateway_gate_busy": "gauge",
         "gateway_gate_queue_depth": "gauge",
+        "gateway_gate_queue_depth_by_priority": "gauge",
+        "gateway_gate_model_switches": "counter",
+        "gateway_gate_overdue_grants": "counter",
         "gateway_inventory_degraded": "gauge",
         "gateway_inventory_age_seconds": "gauge",
         "gateway_inventory_models": "gauge",
@@ -185,12 +188,17 @@ async def test_gate_figures_while_a_chat_holds_it_and_the_wait_of_the_second(
     assert during.value("gateway_gate_capacity") == 1
     assert during.value("gateway_gate_busy") == 1
     assert during.value("gateway_gate_queue_depth") == 1
+    assert during.value("gateway_gate_queue_depth_by_priority", priority="normal") == 1
+    assert during.value("gateway_gate_queue_depth_by_priority", priority="interactive") == 0
     # Waits are observed when their requests end.
     assert during.value("gateway_gate_wait_seconds_count") == 0
 
     after = await scrape(gateway)
     assert after.value("gateway_gate_busy") == 0
     assert after.value("gateway_gate_queue_depth") == 0
+    # Nothing was loaded (/api/ps): the first chat loads llama3, the second finds it.
+    assert after.value("gateway_gate_model_switches_total") == 1
+    assert after.value("gateway_gate_overdue_grants_total") == 0
     assert after.value("gateway_gate_wait_seconds_count") == 2
     waited = after.value("gateway_gate_wait_seconds_sum")
     # The second waited at least from when it was seen queued until the hold was released.

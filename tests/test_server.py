@@ -309,7 +309,10 @@ async def test_health_reports_the_gate_while_chats_hold_and_queue(
             assert health["gate"]["busy"] == 1
             assert health["gate"]["queued"] == 0
             assert health["gate"]["max_queue"] == 64
-            assert [h["model"] for h in health["gate"]["holders"]] == ["llama3"]
+            # Models as Ollama names them (`llama3` is `llama3:latest`): the scheduler's view.
+            assert [h["model"] for h in health["gate"]["holders"]] == ["llama3:latest"]
+            assert health["gate"]["holders"][0]["client"] == "127.0.0.1"
+            assert health["gate"]["holders"][0]["priority"] == "normal"
             assert health["in_flight"] == 1
 
             clients.start_soon(chat, "second")
@@ -317,6 +320,14 @@ async def test_health_reports_the_gate_while_chats_hold_and_queue(
             health = (await gateway.client.get("/health")).json()
             assert health["gate"]["busy"] == 1
             assert health["gate"]["queued"] == 1
+            (waiter,) = health["gate"]["waiters"]
+            assert (waiter["client"], waiter["model"], waiter["priority"]) == (
+                "127.0.0.1",
+                "llama3:latest",
+                "normal",
+            )
+            assert waiter["waited_s"] >= 0
+            assert waiter["estimated_start_s"] == 0  # nothing measured yet
             assert health["in_flight"] == 2
 
             ready = await gateway.client.get("/ready")

@@ -1,4 +1,5 @@
-"""The local Ollama target as a router provider: `/api/chat`, through the chat gate.
+"""The local Ollama target as a router provider: `/api/chat`, through the chat gate
+(pinned load options applied, ADR 0017).
 
 It shares the target client and the gate with the Ollama passthrough, so a `/v1/chat`
 call waits behind an `/api/chat` stream like any other generation. Reasoning is off by
@@ -13,6 +14,7 @@ from typing import Any
 
 from gateway.errors import UpstreamError
 from gateway.gate import ChatGate
+from gateway.pinning import Pins, pin_for, pin_request
 from gateway.providers.base import ChatRequest, ChatResult, Delta, finish_reason
 from gateway.record import RequestRecord
 from gateway.target.client import TargetClient
@@ -40,11 +42,19 @@ def ollama_chat_body(request: ChatRequest, model: str) -> dict[str, Any]:
 class LocalOllama:
     name = "ollama"
 
-    def __init__(self, target: TargetClient, inventory: Inventory, gate: ChatGate) -> None:
+    def __init__(
+        self, target: TargetClient, inventory: Inventory, gate: ChatGate, pins: Pins | None = None
+    ) -> None:
         self._target = target
         self._inventory = inventory
         self._gate = gate
+        self._pins = pins or {}
         self.base_url = target.url
+
+    def _body(self, request: ChatRequest, model: str) -> dict[str, Any]:
+        body = ollama_chat_body(request, model)
+        pin = pin_for(self._pins, model)
+        return body if pin is None else pin_request(body, pin)
 
     def admit(self) -> None:
         self._inventory.require_reachable()
@@ -52,10 +62,10 @@ class LocalOllama:
 
     async def chat(self, request: ChatRequest, model: str, record: RequestRecord) -> ChatResult:
         self.admit()
-        async with self._gate.hold(model) as waited:
-            record.gate_wait_s = waited
+        async with self._gate.serve(record, model):
             try:
-                answer = await self._target.chat(ollama_chat_body(request, model))
+                answer = await self._target.chat(self._body(request, model))
+                record.load_s = answer.load_duration / 1e9 if answer.load_duration else None
             except UpstreamError as exc:
                 raise self._inventory.note_failure(exc) from exc
         return ChatResult(
@@ -71,14 +81,13 @@ class LocalOllama:
         self, request: ChatRequest, model: str, record: RequestRecord
     ) -> AsyncGenerator[Delta, None]:
         self.admit()
-        async with self._gate.hold(model) as waited:
-            record.gate_wait_s = waited
+        async with self._gate.serve(record, model):
             try:
-                async with aclosing(
-                    self._target.chat_stream(ollama_chat_body(request, model))
-                ) as chunks:
+                async with aclosing(self._target.chat_stream(self._body(request, model))) as chunks:
                     async for chunk in chunks:
                         if chunk.done:
+                            if chunk.load_duration:
+                                record.load_s = chunk.load_duration / 1e9
                             yield Delta(
                                 content=chunk.message.content,
                                 finish_reason=finish_reason(chunk.done_reason, True),

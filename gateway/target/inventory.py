@@ -66,6 +66,8 @@ class Inventory:
         self._poll_lock = trio.Lock()
         self._last_poll_started = -float("inf")
         self._polled = trio.Event()
+        self._polled_clock = -float("inf")  # trio time of the last good poll
+        self._loaded_set: frozenset[str] = frozenset()
 
     @property
     def target(self) -> str:
@@ -76,6 +78,10 @@ class Inventory:
         if not self.snapshot.polled_at:
             return None
         return max(0.0, time.time() - self.snapshot.polled_at)
+
+    def loaded_models(self) -> tuple[frozenset[str], float]:
+        """The models `/api/ps` showed loaded (canonical names), and when (trio clock)."""
+        return self._loaded_set, self._polled_clock
 
     def is_loaded(self, model: str) -> bool:
         return canonical_model(model) in self.snapshot.loaded
@@ -151,6 +157,7 @@ class Inventory:
         try:
             with trio.fail_after(self._poll_timeout_s):
                 tags_body, tags = await self._client.tags_and_body()
+                asked = trio.current_time()
                 ps_body, ps = await self._client.ps_and_body()
         except trio.TooSlowError:
             self._poll_failed(
@@ -168,6 +175,8 @@ class Inventory:
             ps_body=ps_body,
             polled_at=time.time(),
         )
+        self._polled_clock = asked
+        self._loaded_set = frozenset(self.snapshot.loaded)
         if self.degraded:
             self.degraded = False
             self.last_error = ""

@@ -19,6 +19,7 @@ _encode = msgspec.json.Encoder().encode
 def snapshot(services: Services) -> dict[str, Any]:
     inventory = services.inventory
     gate = services.gate.figures()
+    now = trio.current_time()
     polled_at = inventory.snapshot.polled_at
     age = inventory.age_s()
     body: dict[str, Any] = {
@@ -42,9 +43,26 @@ def snapshot(services: Services) -> dict[str, Any]:
             "queued": gate.queued,
             "max_queue": gate.max_queue,
             "granted_total": gate.granted_total,
+            "order": gate.order,
+            "resident": list(gate.resident),
             "holders": [
-                {"model": h.label, "held_s": round(max(0.0, trio.current_time() - h.since), 3)}
+                {
+                    "client": h.ask.client,
+                    "model": h.ask.model,
+                    "priority": h.ask.priority,
+                    "held_s": round(max(0.0, now - h.since), 3),
+                }
                 for h in gate.holders
+            ],
+            "waiters": [
+                {
+                    "client": w.ask.client,
+                    "model": w.ask.model,
+                    "priority": w.ask.priority,
+                    "waited_s": round(max(0.0, now - w.arrived), 3),
+                    "estimated_start_s": round(w.start_in_s, 1),
+                }
+                for w in gate.waiters
             ],
         },
         "in_flight": services.drain.active,

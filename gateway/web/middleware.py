@@ -79,6 +79,8 @@ class Observed:
                         (b"x-gateway-overhead-ms", b"%.1f" % (record.overhead_s() * 1000)),
                     ],
                 }
+                if record.gate_ahead is not None:  # a gated route: how many were ahead
+                    message["headers"].append((b"x-gateway-queue-ahead", b"%d" % record.gate_ahead))
             elif message["type"] == "http.response.body":
                 record.bytes_out += len(message.get("body", b""))
                 if not message.get("more_body", False):

@@ -25,6 +25,7 @@ from gateway.errors import (
     MethodNotAllowed,
     UpstreamError,
 )
+from gateway.pinning import pin_body, pin_for, pins_of
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 from gateway.target.client import RawResponse
@@ -127,6 +128,7 @@ class OllamaProxy:
     def __init__(self, services: Services) -> None:
         self._s = services
         self._max_body = services.config.max_body_bytes
+        self._pins = pins_of(services.config.models)
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -165,6 +167,9 @@ class OllamaProxy:
         match route.kind:
             case Kind.GENERATE:
                 model = await self._known_model(body, record)
+                pin = pin_for(self._pins, model)
+                if pin is not None:
+                    forward.body = pin_body(body, pin)
                 self._s.gate.check_admission()
                 await self._run(scope, receive, responder, forward.gated(model))
             case Kind.EMBED:
@@ -226,7 +231,7 @@ class _Forward:
         self._sent = 0.0
         self._method = method
         self._path = path
-        self._body = body
+        self.body = body  # what goes upstream: as received, or with pinned load options
         self._content_type = content_type
         self.responder = responder
         self.frames = FrameWatch()
@@ -236,7 +241,7 @@ class _Forward:
         sent = self._sent = trio.current_time()
         try:
             async with self._s.target.raw(
-                self._method, self._path, self._body, content_type=self._content_type
+                self._method, self._path, self.body, content_type=self._content_type
             ) as upstream:
                 record.upstream_headers_s = trio.current_time() - sent
                 await self._relay(upstream)
@@ -247,14 +252,11 @@ class _Forward:
                 record.upstream_s = trio.current_time() - sent
 
     def gated(self, model: str) -> Callable[[], Awaitable[None]]:
+        """The work under the GPU host's gate: every generation route holds it here."""
+
         async def run() -> None:
-            async with self._s.gate.hold(model) as waited:
-                self._record.gate_wait_s = waited
-                granted = trio.current_time()
-                try:
-                    await self.plain()
-                finally:
-                    self._record.gpu_s = trio.current_time() - granted
+            async with self._s.gate.serve(self._record, model):
+                await self.plain()
 
         return run
 

@@ -52,6 +52,7 @@ class OllamaEmulator(OllamaModelStore):
         self.active_embeds = 0
         self.max_concurrent_embeds = 0
         self._loading: dict[str, trio.Event] = {}
+        self.loads: dict[str, int] = {}  # model loads, reloads for other options included
 
     def is_generation_path(self, path: str) -> bool:
         return path in ("/api/chat", "/api/generate")
@@ -115,6 +116,10 @@ class OllamaEmulator(OllamaModelStore):
     async def _load(self, model: OllamaModel, keep_alive: object, options: dict[str, Any]) -> float:
         """Load (once, shared by concurrent requests) and mark used; returns seconds spent."""
         started = trio.current_time()
+        num_ctx = options.get("num_ctx") if type(options.get("num_ctx")) is int else None
+        if model.name in self.loaded and self._num_ctx.get(model.name) != num_ctx:
+            # Ollama reloads a model asked for with other load options (needsReload).
+            self.loaded.pop(model.name)
         while model.name not in self.loaded:
             loading = self._loading.get(model.name)
             if loading is not None:
@@ -125,13 +130,16 @@ class OllamaEmulator(OllamaModelStore):
                 if self.load_delay_s > 0:
                     await trio.sleep(self.load_delay_s)
                 self.loaded[model.name] = keep_alive
+                self.loads[model.name] = self.loads.get(model.name, 0) + 1
             finally:
                 del self._loading[model.name]
                 loading.set()
         self.loaded[model.name] = keep_alive
         self._used_at[model.name] = datetime.now(UTC)
-        if isinstance(options.get("num_ctx"), int):
-            self._num_ctx[model.name] = options["num_ctx"]
+        if num_ctx is None:
+            self._num_ctx.pop(model.name, None)
+        else:
+            self._num_ctx[model.name] = num_ctx
         self.changed()
         return trio.current_time() - started
 
