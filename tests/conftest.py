@@ -31,6 +31,9 @@ def make_config(ollama_url: str, **sections: Any) -> Config:
             "degraded_poll_interval_s": 0.2,
             "connect_timeout_s": 1.0,
         },
+        # Hermetic: no usage ledger in the user's state directory; tests that want one
+        # give a path under their tmp_path.
+        "usage": {"path": ""},
     }
     # Hermetic: no provider reads a key file from the machine running the tests.
     providers: dict[str, Any] = {name: {"env_file": ""} for name in provider_names()}
