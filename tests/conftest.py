@@ -81,7 +81,9 @@ async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
     """Start a whole gateway (`gateway.app.serve`) in the test's nursery."""
     clients: list[httpx.AsyncClient] = []
 
-    async def start(config: Config, *, environ: dict[str, str] | None = None) -> RunningGateway:
+    async def start(
+        config: Config, *, environ: dict[str, str] | None = None, **serve_options: Any
+    ) -> RunningGateway:
         stop = trio.Event()
         stopped = trio.Event()
         env = environ or {}
@@ -89,7 +91,11 @@ async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
         async def run(task_status: trio.TaskStatus[Started]) -> None:
             try:
                 await serve(
-                    config, environ=env, shutdown_trigger=stop.wait, task_status=task_status
+                    config,
+                    environ=env,
+                    shutdown_trigger=stop.wait,
+                    task_status=task_status,
+                    **serve_options,
                 )
             finally:
                 stopped.set()

@@ -146,14 +146,28 @@ class Ledger:
 
     async def cloud_totals(self, since: float) -> dict[tuple[str, str], tuple[int, int]]:
         """Cloud requests and tokens per (client, provider) since `since`; {} when the
-        ledger is off or cannot be read (said in the log)."""
+        ledger is off or cannot be read (said in the log). Called at start-up, before
+        any request: it shares the writer's connection."""
         if self.path is None:
             return {}
         try:
-            return await trio.to_thread.run_sync(store.cloud_totals, self.path, since, LOCAL)
+            return await trio.to_thread.run_sync(self._cloud_totals, since)
         except (sqlite3.Error, OSError) as exc:
             log.warning("usage ledger: cannot read today's cloud use from %s: %s", self.path, exc)
             return {}
+
+    def _cloud_totals(self, since: float) -> dict[tuple[str, str], tuple[int, int]]:
+        # Read on the writer's own connection when it is open: it sees every commit.
+        if self._conn is not None:
+            return store.cloud_totals(self._conn, since, LOCAL)
+        assert self.path is not None
+        conn = store.open_reader(self.path)
+        if conn is None:
+            return {}
+        try:
+            return store.cloud_totals(conn, since, LOCAL)
+        finally:
+            conn.close()
 
     async def _open(self) -> None:
         assert self.path is not None

@@ -155,19 +155,15 @@ def aggregate(
         conn.close()
 
 
-def cloud_totals(path: Path, since: float, local: str) -> dict[tuple[str, str], tuple[int, int]]:
+def cloud_totals(
+    conn: sqlite3.Connection, since: float, local: str
+) -> dict[tuple[str, str], tuple[int, int]]:
     """Requests and tokens (in + out) per (client, cloud provider) since `since`: what
     the budgets start from, so that a restart does not reset the day."""
-    conn = open_reader(path)
-    if conn is None:
-        return {}
-    try:
-        rows = conn.execute(
-            "SELECT client, provider, COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0)"
-            " FROM requests WHERE ts >= ? AND provider != '' AND provider != ?"
-            " GROUP BY client, provider",
-            (since, local),
-        ).fetchall()
-    finally:
-        conn.close()
+    rows = conn.execute(
+        "SELECT client, provider, COUNT(*), COALESCE(SUM(tokens_in + tokens_out), 0)"
+        " FROM requests WHERE ts >= ? AND provider != '' AND provider != ?"
+        " GROUP BY client, provider",
+        (since, local),
+    ).fetchall()
     return {(client, provider): (requests, tokens) for client, provider, requests, tokens in rows}
