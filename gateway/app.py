@@ -82,6 +82,7 @@ async def serve(
             local_host=redact_url(config.ollama.url),
             retention_days=config.usage.retention_days,
             buffer_records=config.usage.buffer_records,
+            flush_interval_s=config.usage.flush_interval_s,
             max_db_bytes=config.usage.max_db_bytes,
             clock=clock,
         )

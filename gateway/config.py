@@ -135,6 +135,10 @@ class UsageConfig(_Section, frozen=True):
     path: str = "auto"
     # Records older than this are pruned in the background; 0 keeps them forever.
     retention_days: Count = 90
+    # After each write the writer waits this long, so that under load a write carries
+    # many records (its cost is per write, not per record). A kill -9 loses the records
+    # of the requests in flight and of those finished within this time.
+    flush_interval_s: SecondsOrOff = 0.05
     # Records waiting to be written; past this, new ones are dropped and counted.
     buffer_records: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     # The database's size limit (0: none); when reached, records are dropped, not requests.

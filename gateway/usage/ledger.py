@@ -2,12 +2,14 @@
 path.
 
 A request's end only appends a tuple to a bounded in-memory buffer (never blocks, never
-raises); one task drains the buffer and writes each batch in a worker thread, at once
-when it is idle, so records reach the file within one commit's time of the request's end
-and batches grow by themselves under load. When the buffer is full, new records are
-dropped and counted. A file that cannot be opened or written (read-only, full, locked,
-missing directory) is a warning logged once, not a failed request: the batch goes back
-to the buffer and is retried after `retry_s`; the ledger says when it writes again.
+raises); one task drains the buffer and writes each batch in a worker thread. After a
+quiet spell a record is written at once; under load the writer waits `flush_interval_s`
+after each write, so one write (a thread hop and a commit, the real cost) carries many
+records. A `kill -9` therefore loses the records of the requests in flight and of those
+finished within the last interval. When the buffer is full, new records are dropped and
+counted. A file that cannot be opened or written (read-only, full, locked, missing
+directory) is a warning logged once, not a failed request: the batch goes back to the
+buffer and is retried after `retry_s`; the ledger says when it writes again.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Ledger:
         local_host: str = "",
         retention_days: int = 0,
         buffer_records: int = 10_000,
+        flush_interval_s: float = 0.0,
         max_db_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         retry_s: float = 5.0,
@@ -49,6 +52,7 @@ class Ledger:
         self._local_host = local_host
         self._retention_s = retention_days * DAY_S
         self._capacity = buffer_records
+        self._flush_interval_s = flush_interval_s
         self._max_db_bytes = max_db_bytes
         self._retry_s = retry_s
         self._prune_interval_s = prune_interval_s
@@ -116,6 +120,9 @@ class Ledger:
                         await self._wake.wait()
                 if self._buffer:
                     await self._flush()
+                    # What finishes meanwhile waits for the next write: one per interval
+                    # under load, and a lone record after a quiet spell is written at once.
+                    await trio.sleep(self._flush_interval_s)
                 if trio.current_time() >= next_prune:
                     await self._prune()
                     next_prune = trio.current_time() + self._prune_interval_s
