@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,10 @@ class Ledger:
         retry_s: float = 5.0,
         prune_interval_s: float = 3600.0,
         final_flush_s: float = 5.0,
+        run_sync: Callable[..., Awaitable[Any]] = trio.to_thread.run_sync,
     ) -> None:
+        """`run_sync` runs the blocking SQLite calls: a worker thread; tests on the
+        autojump clock run them inline, so virtual time stands still while they run."""
         self.path = path
         self.clock = clock
         self._local_host = local_host
@@ -57,10 +60,12 @@ class Ledger:
         self._retry_s = retry_s
         self._prune_interval_s = prune_interval_s
         self._final_flush_s = final_flush_s
+        self._run_sync = run_sync
         self._buffer: list[store.Row] = []
         self._wake = trio.Event()
         self._conn: sqlite3.Connection | None = None
         self.written = 0
+        self.writes = 0  # transactions that wrote records: `written / writes` is the batch
         self.dropped = 0
         self.write_failures = 0
         self.pruned = 0
@@ -134,7 +139,7 @@ class Ledger:
                 if self._buffer:
                     await self._flush()
                 if self._conn is not None:
-                    await trio.to_thread.run_sync(self._conn.close)
+                    await self._run_sync(self._conn.close)
                     self._conn = None
             if self._buffer:
                 log.warning(
@@ -146,7 +151,7 @@ class Ledger:
     async def report(self, query: UsageQuery) -> dict[str, Any]:
         """The report for `query`, read in a worker thread from its own connection."""
         assert self.path is not None
-        rows = await trio.to_thread.run_sync(
+        rows = await self._run_sync(
             store.aggregate, self.path, query.since, query.until, query.group_by
         )
         return build(query, rows)
@@ -158,7 +163,9 @@ class Ledger:
         if self.path is None:
             return {}
         try:
-            return await trio.to_thread.run_sync(self._cloud_totals, since)
+            totals: dict[tuple[str, str], tuple[int, int]]
+            totals = await self._run_sync(self._cloud_totals, since)
+            return totals
         except (sqlite3.Error, OSError) as exc:
             log.warning("usage ledger: cannot read today's cloud use from %s: %s", self.path, exc)
             return {}
@@ -178,7 +185,7 @@ class Ledger:
 
     async def _open(self) -> None:
         assert self.path is not None
-        error = await trio.to_thread.run_sync(self._connect)
+        error = await self._run_sync(self._connect)
         if error is not None:
             self._failed(error)
 
@@ -192,9 +199,10 @@ class Ledger:
 
     async def _flush(self) -> None:
         batch, self._buffer = self._buffer, []
-        error = await trio.to_thread.run_sync(self._write, batch)
+        error = await self._run_sync(self._write, batch)
         if error is None:
             self.written += len(batch)
+            self.writes += 1
             if self.failing:
                 self.failing = False
                 log.info("usage ledger: writing to %s again", self.path)
@@ -223,7 +231,7 @@ class Ledger:
             return
         conn, before = self._conn, self.clock() - self._retention_s
         try:
-            self.pruned += await trio.to_thread.run_sync(store.prune, conn, before)
+            self.pruned += await self._run_sync(store.prune, conn, before)
         except (sqlite3.Error, OSError) as exc:
             self._failed(exc)
 
