@@ -224,7 +224,7 @@ async def test_a_locked_database_delays_records_without_losing_them(
     path = tmp_path / "usage.db"
     store.open_writer(path).close()
     gw = await ledgered(start_gateway, ollama, path)
-    gw.services.ledger._retry_s = 0.05  # retry soon after the lock goes
+    gw.services.ledger.retry_s = 0.05  # retry soon after the lock goes
     locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         locker.execute("BEGIN EXCLUSIVE")

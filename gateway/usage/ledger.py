@@ -57,7 +57,7 @@ class Ledger:
         self._capacity = buffer_records
         self._flush_interval_s = flush_interval_s
         self._max_db_bytes = max_db_bytes
-        self._retry_s = retry_s
+        self.retry_s = retry_s
         self._prune_interval_s = prune_interval_s
         self._final_flush_s = final_flush_s
         self._run_sync = run_sync
@@ -132,7 +132,7 @@ class Ledger:
                     await self._prune()
                     next_prune = trio.current_time() + self._prune_interval_s
                 if self.failing:
-                    await trio.sleep(self._retry_s)
+                    await trio.sleep(self.retry_s)
         finally:
             with trio.CancelScope(shield=True) as final:
                 final.deadline = trio.current_time() + self._final_flush_s
@@ -245,7 +245,7 @@ class Ledger:
                 self.path,
                 error,
                 self._capacity,
-                self._retry_s,
+                self.retry_s,
             )
 
     def _drop(self, count: int) -> None:
