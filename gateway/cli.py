@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(render_config(config, environ))
             print(f"# inbound auth: {auth.describe()}")
+            ledger = resolve_path(config.usage.path, environ)
+            print(f"# usage ledger: {ledger if ledger is not None else 'off'}")
             return 0
         if args.command == "usage":
             return print_usage(config, environ, args)

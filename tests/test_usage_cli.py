@@ -4,14 +4,17 @@ mid-burst, and the table printed in a terminal."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
+from gateway.cli import main
 from gateway.usage import store
 from tests.emulators import OllamaEmulator
 from tests.test_cli import GATEWAY, ROOT, clean_environ, free_port, running, wait_for_health
@@ -153,3 +156,16 @@ def test_gateway_usage_prints_the_table_and_the_json(tmp_path: Path) -> None:
     assert missing.returncode == 1
     assert "no usage ledger at" in missing.stderr
     assert "Traceback" not in bad.stderr + off.stderr + missing.stderr
+
+
+def test_check_config_says_where_the_ledger_is(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in [k for k in os.environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/gateway")
+    assert main(["check-config"]) == 0
+    assert "# usage ledger: /var/lib/gateway/usage.db" in capsys.readouterr().out
+    monkeypatch.setenv("GATEWAY_USAGE_PATH", "")
+    assert main(["check-config"]) == 0
+    assert "# usage ledger: off" in capsys.readouterr().out
