@@ -206,6 +206,8 @@ class Gateway:
             GATEWAY_OLLAMA_URL=f"http://127.0.0.1:{upstream_port}",
             GATEWAY_LOG_FORMAT="json",
             GATEWAY_SHUTDOWN_GRACE_S="2",
+            # The usage ledger (on, as by default) beside the log, not in ~/.local/state.
+            GATEWAY_USAGE_PATH=str(log_path.with_suffix(".usage.db")),
         )
         env.update(extra_env)
         self.env = {k: v for k, v in env.items() if k.startswith("GATEWAY_")}

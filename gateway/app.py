@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
 
 from gateway.auth import Auth
-from gateway.config import Config
+from gateway.config import Config, redact_url
 from gateway.drain import Drain
 from gateway.gate import ChatGate, gate_settings
 from gateway.metrics import Metrics
@@ -24,6 +25,7 @@ from gateway.services import Services
 from gateway.target.client import TargetClient, make_target_pool
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
+from gateway.usage import Budgets, Ledger, resolve_path
 from gateway.web.app import create_app
 
 log = logging.getLogger("gateway")
@@ -42,12 +44,14 @@ async def serve(
     *,
     environ: Mapping[str, str] | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Started] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until `shutdown_trigger` returns (forever if None), then drain.
 
     Reports `Started` once it accepts connections, so tests can bind port 0 and start
-    the whole gateway inside a nursery.
+    the whole gateway inside a nursery. `clock` is the wall clock (Unix seconds) of the
+    usage ledger and the daily budgets; tests inject one to cross a day.
     """
     environ = os.environ if environ is None else environ
     token = environ.get(config.ollama.token_env) or None
@@ -77,6 +81,15 @@ async def serve(
             loaded=inventory.loaded_models,
         )
         local = LocalOllama(target, inventory, gate, pins_of(config.models))
+        ledger = Ledger(
+            resolve_path(config.usage.path, environ),
+            local_host=redact_url(config.ollama.url),
+            retention_days=config.usage.retention_days,
+            buffer_records=config.usage.buffer_records,
+            flush_interval_s=config.usage.flush_interval_s,
+            max_db_bytes=config.usage.max_db_bytes,
+            clock=clock,
+        )
         services = Services(
             config=config,
             target=target,
@@ -86,7 +99,9 @@ async def serve(
             warmer=warmer,
             registry=build_registry(config, environ, provider_http, local),
             auth=auth,
-            metrics=Metrics(gate, inventory, warmer),
+            metrics=Metrics(gate, inventory, warmer, ledger=ledger, clients=config.clients),
+            ledger=ledger,
+            budgets=Budgets(config, clock=clock),
         )
         hyper = hypercorn_config(
             config.bind,
@@ -99,6 +114,10 @@ async def serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(target_pool.run)
             await nursery.start(inventory.run)
+            await nursery.start(ledger.run)
+            # Today's cloud use so far, so that a restart does not reset the budgets' day.
+            since = services.budgets.day_start()
+            services.budgets.load(await ledger.cloud_totals(since), since)
             if warmer is not None:
                 nursery.start_soon(warmer.run)
 

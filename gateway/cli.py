@@ -1,4 +1,4 @@
-"""The `gateway` command: `serve` and `check-config`."""
+"""The `gateway` command: `serve`, `check-config` and `usage`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 
@@ -17,7 +19,9 @@ import trio
 from gateway import __version__, logs
 from gateway.auth import Auth
 from gateway.config import Config, ConfigError, load, provider_names, redact_url
+from gateway.errors import BadRequest
 from gateway.providers.keys import resolve_key
+from gateway.usage import parse_query, report, resolve_path, store
 
 log = logging.getLogger("gateway")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -47,6 +51,24 @@ def _parser() -> argparse.ArgumentParser:
         " redacted. Exits 1 on any error.",
     )
     check.add_argument("--config", metavar="FILE", help=config_help)
+
+    usage = commands.add_parser(
+        "usage",
+        help="print the usage ledger's table (what GET /v1/usage answers)",
+        description="Read the usage ledger ([usage] path) and print requests, errors,"
+        " tokens, GPU-seconds and queue time per group. Times: an ISO 8601 date or time"
+        " (UTC unless an offset is given), a duration ago (90m, 24h, 7d), 'today' or 'now'.",
+    )
+    usage.add_argument("--config", metavar="FILE", help=config_help)
+    usage.add_argument("--since", metavar="TIME", help="from (default: today, 00:00 UTC)")
+    usage.add_argument("--until", metavar="TIME", help="to (default: now)")
+    usage.add_argument(
+        "--group-by",
+        metavar="KEYS",
+        default="client",
+        help="client, model, provider or day; several separated by commas (default: client)",
+    )
+    usage.add_argument("--json", action="store_true", help="print the JSON report instead")
     return parser
 
 
@@ -66,7 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             print(render_config(config, environ))
             print(f"# inbound auth: {auth.describe()}")
+            ledger = resolve_path(config.usage.path, environ)
+            print(f"# usage ledger: {ledger if ledger is not None else 'off'}")
             return 0
+        if args.command == "usage":
+            return print_usage(config, environ, args)
         logs.setup(config.log_format)
         trio.run(partial(_serve_until_signal, config, environ))
     except ConfigError as exc:
@@ -106,6 +132,30 @@ async def _serve_until_signal(config: Config, environ: Mapping[str, str]) -> Non
 
         await serve(config, environ=environ, shutdown_trigger=until_signal)
     log.info("gateway stopped")
+
+
+def print_usage(config: Config, environ: Mapping[str, str], args: argparse.Namespace) -> int:
+    """`gateway usage`: the ledger's report, read from its file, as a table (or JSON)."""
+    path = resolve_path(config.usage.path, environ)
+    if path is None:
+        print('gateway: the usage ledger is off (usage.path = "")', file=sys.stderr)
+        return 1
+    if not path.exists():
+        print(f"gateway: no usage ledger at {path} (nothing recorded yet?)", file=sys.stderr)
+        return 1
+    given = {"since": args.since, "until": args.until, "group_by": args.group_by}
+    try:
+        query = parse_query({k: [v] for k, v in given.items() if v is not None}, time.time())
+        rows = store.aggregate(path, query.since, query.until, query.group_by)
+    except BadRequest as exc:
+        print(f"gateway: {exc.message}", file=sys.stderr)
+        return 2
+    except (sqlite3.Error, OSError) as exc:
+        print(f"gateway: cannot read the usage ledger {path}: {exc}", file=sys.stderr)
+        return 1
+    result = report.build(query, rows)
+    print(msgspec.json.encode(result).decode() if args.json else report.render_table(result))
+    return 0
 
 
 def render_config(config: Config, environ: Mapping[str, str]) -> str:

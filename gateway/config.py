@@ -150,6 +150,25 @@ class ModelConfig(_Section, frozen=True):
     keep_alive: str | int | None = None
 
 
+class UsageConfig(_Section, frozen=True):
+    """The usage ledger: one SQLite row per finished request (ADR 0019)."""
+
+    # "auto": `$STATE_DIRECTORY/usage.db` when systemd gives a state directory, else
+    # `$XDG_STATE_HOME/gateway/usage.db` (default `~/.local/state/gateway/usage.db`).
+    # "" turns the ledger off (budgets then count only since start-up).
+    path: str = "auto"
+    # Records older than this are pruned in the background; 0 keeps them forever.
+    retention_days: Count = 90
+    # After each write the writer waits this long, so that under load a write carries
+    # many records (its cost is per write, not per record). A kill -9 loses the records
+    # of the requests in flight and of those finished within this time.
+    flush_interval_s: SecondsOrOff = 0.05
+    # Records waiting to be written; past this, new ones are dropped and counted.
+    buffer_records: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    # The database's size limit (0: none); when reached, records are dropped, not requests.
+    max_db_bytes: Count = 0
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -171,6 +190,7 @@ class Config(_Section, frozen=True):
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
 
     def client(self, name: str) -> ClientConfig:
         """A client's settings; one not configured gets the defaults."""

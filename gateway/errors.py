@@ -9,6 +9,8 @@ GatewayError                      status  meaning
 ├── MethodNotAllowed                405   the route exists, not with this method
 ├── ModelNotFound                   404   the target has no such model
 ├── ProviderNotRegistered           404   the model's provider has no key configured
+├── LedgerOff                       404   usage asked of a gateway whose ledger is off
+├── BudgetExceeded                  429   a client's daily cloud cap is reached
 ├── Unavailable                     503   the gateway cannot take the request now
 │   ├── GateFull                    503   the chat queue is at `max_queue`
 │   ├── GateTimeout                 503   waited `max_wait_s` for the chat gate
@@ -87,6 +89,23 @@ class ModelNotFound(GatewayError):
 
 class ProviderNotRegistered(GatewayError):
     status = 404
+
+
+class LedgerOff(GatewayError):
+    status = 404
+
+
+class BudgetExceeded(GatewayError):
+    """A client's daily cap on a cloud provider is reached; `Retry-After` is the reset."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(GatewayError):

@@ -3,12 +3,13 @@
 Each gateway has its own `CollectorRegistry`, so several can run in one process (tests).
 Live figures (gate, inventory, warm-ups) are read at scrape time by a collector, never
 copied on the hot path. Labels are bounded: routes are the known ones or "other";
-models are those of the inventory or the first `MAX_MODELS` cloud names, then "other".
+models are those of the inventory or the first `MAX_MODELS` cloud names, then "other";
+per-client usage counters name the configured `[clients.*]` and count the rest as "other".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,6 +21,7 @@ from gateway.record import RequestRecord
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
 from gateway.target.wire import canonical_model
+from gateway.usage.ledger import Ledger
 
 MAX_MODELS = 64
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -90,9 +92,48 @@ class _Live(Collector):
             )
 
 
+class _LedgerFigures(Collector):
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        ledger = self._ledger
+        yield CounterMetricFamily(
+            "gateway_usage_records_written", "Usage records written to the ledger.", ledger.written
+        )
+        yield CounterMetricFamily(
+            "gateway_usage_records_dropped",
+            "Usage records dropped: the ledger's buffer was full.",
+            ledger.dropped,
+        )
+        yield CounterMetricFamily(
+            "gateway_usage_write_failures",
+            "Ledger writes that failed (read-only, full or locked file).",
+            ledger.write_failures,
+        )
+        yield GaugeMetricFamily(
+            "gateway_usage_records_pending", "Usage records waiting to be written.", ledger.pending
+        )
+        yield GaugeMetricFamily(
+            "gateway_usage_failing", "1 while the ledger cannot write.", int(ledger.failing)
+        )
+
+
+OTHER_CLIENT = "other"
+
+
 class Metrics:
-    def __init__(self, gate: ChatGate, inventory: Inventory, warmer: EmbedWarmer | None) -> None:
+    def __init__(
+        self,
+        gate: ChatGate,
+        inventory: Inventory,
+        warmer: EmbedWarmer | None,
+        *,
+        ledger: Ledger | None = None,
+        clients: Iterable[str] = (),
+    ) -> None:
         self.registry = CollectorRegistry()
+        self._clients = frozenset(clients)
         self._inventory = inventory
         self._cloud_models: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -140,7 +181,24 @@ class Metrics:
             buckets=(1, 5, 10, 20, 40, 80, 160, 320),
             registry=r,
         )
+        self.client_tokens = Counter(
+            "gateway_client_tokens",
+            "Tokens per client (configured [clients.*] names, else other), provider, direction.",
+            ["client", "provider", "direction"],
+            registry=r,
+        )
+        self.client_gpu = Counter(
+            "gateway_client_gpu_seconds",
+            "Seconds each client held the GPU host's gate (configured names, else other).",
+            ["client"],
+            registry=r,
+        )
         r.register(_Live(gate, inventory, warmer))
+        if ledger is not None and ledger.enabled:
+            r.register(_LedgerFigures(ledger))
+
+    def client_label(self, who: str) -> str:
+        return who if who in self._clients else OTHER_CLIENT
 
     def model_label(self, provider: str, model: str) -> str:
         if not model:
@@ -183,6 +241,14 @@ class Metrics:
             self.model_load.labels(model).observe(record.load_s)
         if record.eval_rate is not None:
             self.eval_rate.labels(provider, model).observe(record.eval_rate)
+        if record.tokens_in or record.tokens_out or record.gpu_s:
+            client = self.client_label(record.who)
+            if record.tokens_in:
+                child(self.client_tokens, client, provider, "in").inc(record.tokens_in)
+            if record.tokens_out:
+                child(self.client_tokens, client, provider, "out").inc(record.tokens_out)
+            if record.gpu_s:
+                child(self.client_gpu, client).inc(record.gpu_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

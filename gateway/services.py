@@ -13,6 +13,7 @@ from gateway.providers.registry import Registry
 from gateway.target.client import TargetClient
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
+from gateway.usage import Budgets, Ledger
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,3 +27,5 @@ class Services:
     registry: Registry
     auth: Auth
     metrics: Metrics
+    ledger: Ledger
+    budgets: Budgets

@@ -274,6 +274,8 @@ async def smoke(results: list[tuple[str, str | None]]) -> None:
         for name in ("OLLAMA_CLOUD", "OPENROUTER", "OPENCODE", "KIMI"):
             env[f"GATEWAY_PROVIDERS_{name}_ENV_FILE"] = ""
         with tempfile.TemporaryDirectory(prefix="gateway-smoke-") as tmp:
+            # The usage ledger in the run's own directory, not the user's state directory.
+            env["GATEWAY_USAGE_PATH"] = str(Path(tmp) / "usage.db")
             stderr_path = Path(tmp) / "gateway.log"
             with stderr_path.open("wb") as log:
                 process = await trio.lowlevel.open_process(

@@ -31,6 +31,9 @@ def make_config(ollama_url: str, **sections: Any) -> Config:
             "degraded_poll_interval_s": 0.2,
             "connect_timeout_s": 1.0,
         },
+        # Hermetic: no usage ledger in the user's state directory; tests that want one
+        # give a path under their tmp_path.
+        "usage": {"path": ""},
     }
     # Hermetic: no provider reads a key file from the machine running the tests.
     providers: dict[str, Any] = {name: {"env_file": ""} for name in provider_names()}
@@ -78,7 +81,9 @@ async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
     """Start a whole gateway (`gateway.app.serve`) in the test's nursery."""
     clients: list[httpx.AsyncClient] = []
 
-    async def start(config: Config, *, environ: dict[str, str] | None = None) -> RunningGateway:
+    async def start(
+        config: Config, *, environ: dict[str, str] | None = None, **serve_options: Any
+    ) -> RunningGateway:
         stop = trio.Event()
         stopped = trio.Event()
         env = environ or {}
@@ -86,7 +91,11 @@ async def start_gateway(nursery: trio.Nursery) -> AsyncIterator[StartGateway]:
         async def run(task_status: trio.TaskStatus[Started]) -> None:
             try:
                 await serve(
-                    config, environ=env, shutdown_trigger=stop.wait, task_status=task_status
+                    config,
+                    environ=env,
+                    shutdown_trigger=stop.wait,
+                    task_status=task_status,
+                    **serve_options,
                 )
             finally:
                 stopped.set()

@@ -36,8 +36,10 @@ def free_port() -> int:
 
 
 def clean_environ(**extra: str) -> dict[str, str]:
-    """The test's environment without any GATEWAY_* setting, plus `extra`."""
+    """The test's environment without any GATEWAY_* setting (and with the usage ledger
+    off unless `extra` gives it a path), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_USAGE_PATH"] = ""
     env.update(extra)
     return env
 

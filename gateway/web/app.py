@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException
 from gateway.errors import GatewayError, error_body
 from gateway.record import record_of
 from gateway.services import Services
-from gateway.web import health, router_api
+from gateway.web import health, router_api, usage_api
 from gateway.web.asgi import Receive, Scope, Send
 from gateway.web.middleware import Observed
 from gateway.web.ollama_api import OllamaProxy
@@ -62,6 +62,7 @@ def create_quart_app(services: Services) -> Quart:
 
     health.register(app, services)
     router_api.register(app, services)
+    usage_api.register(app, services)
     return app
 
 

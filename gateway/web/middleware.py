@@ -29,6 +29,7 @@ KNOWN_ROUTES = frozenset(
         "/v1/chat/providers",
         "/v1/models",
         "/v1/embeddings",
+        "/v1/usage",
     }
 )
 QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
@@ -115,6 +116,9 @@ class Observed:
             # The client left before the answer ended: what it got is not what was sent.
             record.status = CLIENT_CLOSED
         self._s.metrics.observe(record)
+        self._s.budgets.note(record)
+        if path not in QUIET_ROUTES:  # probes and scrapes are not usage
+            self._s.ledger.note(record, trio.current_time())
         level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO
         if access_log.isEnabledFor(level):
             # `makeRecord` + `handle` is `log()` without its search of the call stack

@@ -177,6 +177,7 @@ class OpenAIFrontDoor:
             record = record_of(scope)
             record.provider, record.model = provider.name, model
             provider.admit()
+            self._s.budgets.admit(record.who, provider.name)
             await run_tracked(
                 self._s.drain,
                 scope,

@@ -46,6 +46,7 @@ async def run_chat(services: Services, chat: ChatRequest, record: RequestRecord)
     provider, model = services.registry.route(chat.model)
     record.provider, record.model = provider.name, model
     provider.admit()
+    services.budgets.admit(record.who, provider.name)
     started = trio.current_time()
     with services.drain.track() as activity:
         with activity.scope:
