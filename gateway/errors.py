@@ -3,12 +3,14 @@
 ```
 GatewayError                      status  meaning
 ├── BadRequest                      400   the client's body or query is wrong
-│   └── PayloadTooLarge             413   the body is over `max_body_bytes`
+│   ├── PayloadTooLarge             413   the body is over `max_body_bytes`
+│   └── ProtocolNotServed           400   the model's provider does not serve this client API
 ├── Unauthorized                    401   inbound bearer token missing or wrong
 ├── Forbidden                       403   a route this configuration refuses
 ├── MethodNotAllowed                405   the route exists, not with this method
 ├── ModelNotFound                   404   the target has no such model
 ├── ProviderNotRegistered           404   the model's provider has no key configured
+├── RouteMissing                    404   the Ollama target is older than the route
 ├── Unavailable                     503   the gateway cannot take the request now
 │   ├── GateFull                    503   the chat queue is at `max_queue`
 │   ├── GateTimeout                 503   waited `max_wait_s` for the chat gate
@@ -57,6 +59,11 @@ class PayloadTooLarge(BadRequest):
         return {"Connection": "close"}
 
 
+class ProtocolNotServed(BadRequest):
+    """A client API (OpenAI Responses, Anthropic Messages...) the model's provider does
+    not serve: said plainly, never converted into another protocol."""
+
+
 class Unauthorized(GatewayError):
     status = 401
 
@@ -86,6 +93,12 @@ class ModelNotFound(GatewayError):
 
 
 class ProviderNotRegistered(GatewayError):
+    status = 404
+
+
+class RouteMissing(GatewayError):
+    """The Ollama target answered 404 for a route it does not have (an older Ollama)."""
+
     status = 404
 
 

@@ -23,8 +23,11 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    RouteMissing,
     UpstreamError,
 )
+from gateway.providers.protocols import Protocol, UsageTally
+from gateway.providers.sse import SseWatch
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 from gateway.target.client import RawResponse
@@ -220,6 +223,8 @@ class _Forward:
         content_type: bytes,
         responder: Responder,
         record: RequestRecord,
+        *,
+        protocol: Protocol | None = None,
     ) -> None:
         self._s = services
         self._record = record
@@ -230,6 +235,9 @@ class _Forward:
         self._content_type = content_type
         self.responder = responder
         self.frames = FrameWatch()
+        # A client-API route (OpenAI, Responses, Anthropic): counts come from the
+        # protocol's usage objects, and a target older than the route is named.
+        self._protocol = protocol
 
     async def plain(self) -> None:
         record = self._record
@@ -290,17 +298,23 @@ class _Forward:
             # HEAD has no body but keeps the length a GET would have.
             data = await upstream.read()
             self._record.upstream_s = trio.current_time() - self._sent
+            if upstream.status == 404 and self._protocol is not None:
+                self._check_route(upstream, data)
             if self._record.model and upstream.status == 200:
-                self._record.note_final_frame(data)
+                self._note_whole(data)
             headers.append((b"content-length", b"%d" % len(data) if data else length))
             await self.responder.start(upstream.status, headers)
             await self.responder.end(data)
+            return
+        content_type = upstream.header(b"content-type") or b""
+        if self._protocol is not None and content_type.startswith(b"text/event-stream"):
+            await self._relay_sse(upstream, headers)
             return
         await self.responder.start(upstream.status, headers)
         # NDJSON is watched line by line (bound, last frame). Any other body sent without
         # a length (Go chunks large JSON answers) passes as is; for telemetry, a
         # generation's JSON answer is kept up to `_KEEP_BYTES`.
-        ndjson = (upstream.header(b"content-type") or b"").startswith(b"application/x-ndjson")
+        ndjson = content_type.startswith(b"application/x-ndjson")
         frames = self.frames
         kept: list[bytes] | None = [] if self._record.model and not ndjson else None
         kept_bytes = 0
@@ -319,5 +333,43 @@ class _Forward:
         if ndjson and self._record.model:
             self._record.note_final_frame(frames.last_line)
         elif kept and kept_bytes <= _KEEP_BYTES and upstream.status == 200:
-            self._record.note_final_frame(b"".join(kept))
+            self._note_whole(b"".join(kept))
         await self.responder.end()
+
+    async def _relay_sse(self, upstream: RawResponse, headers: Headers) -> None:
+        """An SSE answer of a client-API route, event bytes as they arrive; counts from
+        the events that carry `usage`; a failure ends it with the protocol's error event."""
+        await self.responder.start(upstream.status, headers)
+        watch = SseWatch()
+        try:
+            async for chunk in upstream:
+                watch.feed(chunk)
+                await self.responder.chunk(chunk)
+        except UpstreamError as exc:
+            self._s.inventory.note_failure(exc)
+            await self.responder.fail(exc, mid_line=watch.mid_event)
+            return
+        finally:
+            self._record.tokens_in = watch.usage.tokens_in
+            self._record.tokens_out = watch.usage.tokens_out
+        await self.responder.end()
+
+    def _note_whole(self, data: bytes) -> None:
+        if self._protocol is None:
+            self._record.note_final_frame(data)
+            return
+        usage = UsageTally()
+        usage.feed(data)
+        self._record.tokens_in, self._record.tokens_out = usage.tokens_in, usage.tokens_out
+
+    def _check_route(self, upstream: RawResponse, data: bytes) -> None:
+        """Ollama answers a route it does not have with gin's plain-text 404."""
+        assert self._protocol is not None
+        if data.strip() == b"404 page not found" and not (
+            upstream.header(b"content-type") or b""
+        ).startswith(b"application/json"):
+            raise RouteMissing(
+                f"the Ollama target has no {self._protocol.path} route: the"
+                f" {self._protocol.title} API came with Ollama {self._protocol.ollama_since};"
+                " upgrade Ollama on the GPU host"
+            )
