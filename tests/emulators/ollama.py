@@ -11,7 +11,9 @@ from typing import Any
 import trio
 
 from .http import Exchange
+from .ollama_compat import compat_error, compat_routes, is_compat_path
 from .ollama_models import NDJSON, OllamaModelStore
+from .ollama_script import plan_answer, think_on
 from .wire import (
     OllamaModel,
     canonical,
@@ -21,10 +23,31 @@ from .wire import (
     go_time,
     ns,
     parse_keep_alive,
-    split_tokens,
 )
 
 Handler = Callable[[Exchange], Awaitable[None]]
+GENERATION_PATHS = frozenset(
+    {
+        "/api/chat",
+        "/api/generate",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+    }
+)
+
+
+def message(
+    *, content: str = "", thinking: str = "", tool_calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """An api.Message as Ollama marshals it (thinking and tool_calls omitted when empty)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if thinking:
+        msg["thinking"] = thinking
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
 
 
 class OllamaEmulator(OllamaModelStore):
@@ -39,7 +62,7 @@ class OllamaEmulator(OllamaModelStore):
         embed_delay_s: float = 0.0,
         reply: str = "The sky is blue because of Rayleigh scattering.",
         required_token: str | None = None,
-        version: str = "0.12.6",
+        version: str = "0.15.2",
     ) -> None:
         super().__init__(models)
         self.token_delay_s = token_delay_s
@@ -48,16 +71,27 @@ class OllamaEmulator(OllamaModelStore):
         self.reply = reply
         self.required_token = required_token
         self.version = version
+        # The model's scripted behaviour (tests/emulators/ollama_script.py):
+        self.thinking = "Rayleigh scattering favours short wavelengths."
+        self.thinking_models: set[str] = set()
+        self.tool_calls: dict[str, dict[str, Any]] = {}
+        self.structured_reply: object = None
+        self.inner_requests: list[dict[str, Any]] = []
         self.embed_hold: trio.Event | None = None
         self.active_embeds = 0
         self.max_concurrent_embeds = 0
         self._loading: dict[str, trio.Event] = {}
 
     def is_generation_path(self, path: str) -> bool:
-        return path in ("/api/chat", "/api/generate")
+        return path in GENERATION_PATHS
 
     def is_embed_path(self, path: str) -> bool:
-        return path in ("/api/embed", "/api/embeddings")
+        return path in ("/api/embed", "/api/embeddings", "/v1/embeddings")
+
+    def fault_error(self, path: str, status: int) -> tuple[bytes, str]:
+        if is_compat_path(path):
+            return compat_error(path, status, self.error_body(status))
+        return super().fault_error(path, status)
 
     def error_body(self, status: int) -> bytes:
         messages = {
@@ -75,6 +109,10 @@ class OllamaEmulator(OllamaModelStore):
         if path.startswith("/api") and not authorized:
             await self._error(exchange, 401, "unauthorized")
             return
+        if is_compat_path(path) and not authorized:  # Ollama Cloud: the route's own shape
+            body, content_type = compat_error(path, 401, dump({"error": "unauthorized"}))
+            await exchange.respond(401, body, content_type=content_type)
+            return
         routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": self._root, "HEAD": self._root},
             "/api/version": {"GET": self._version, "HEAD": self._version},
@@ -91,6 +129,8 @@ class OllamaEmulator(OllamaModelStore):
             "/api/copy": {"POST": self._copy},
             "/api/delete": {"DELETE": self._delete},
         }
+        if is_compat_path(path):
+            routes.update(compat_routes(self, path))
         if path.startswith("/api/blobs/") and len(path) > len("/api/blobs/"):
             routes[path] = {"HEAD": self._head_blob, "POST": self._create_blob}
         methods = routes.get(path)
@@ -165,12 +205,23 @@ class OllamaEmulator(OllamaModelStore):
         if model.embedding:
             await self._error(exchange, 400, f"{json.dumps(name)} does not support {kind}")
             return
+        thinking_model = model.name in {canonical(m) for m in self.thinking_models}
+        relaxed = getattr(exchange, "relax_thinking", False)  # set by the /v1/messages layer
+        if (
+            self.thinking_models
+            and not thinking_model
+            and not relaxed
+            and think_on(req.get("think"), thinking_model=False)
+        ):
+            await self._error(exchange, 400, f"{json.dumps(name)} does not support thinking")
+            return
         try:
             keep_alive = parse_keep_alive(req.get("keep_alive"))
         except ValueError as exc:
             await self._error(exchange, 400, str(exc))
             return
         self.keep_alive_seen[model.name] = req.get("keep_alive")
+        self.inner_requests.append(req)
         options = req.get("options") or {}
         if not isinstance(options, dict):
             await self._error(exchange, 400, "json: cannot unmarshal options")
@@ -194,41 +245,56 @@ class OllamaEmulator(OllamaModelStore):
         users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
         tag = exchange.header("x-test-tag") or (users[0] if chat and users else prompt or "")
         prompt_count = max(1, sum(len(t.split()) for t in texts))
-        text = self.reply
-        if req.get("format") is not None and req.get("format") != "":
-            text = json.dumps({"answer": self.reply})
-        tokens = split_tokens(text)
-        done_reason = "stop"
-        num_predict = options.get("num_predict")
-        if type(num_predict) is int and 0 <= num_predict < len(tokens):
-            tokens, done_reason = tokens[:num_predict], "length"
+        answer = plan_answer(
+            req,
+            chat=chat,
+            reply=self.reply,
+            thinking=self.thinking,
+            thinking_model=thinking_model,
+            tool_calls=self.tool_calls,
+            structured=self.structured_reply,
+        )
+        done_reason = answer.done_reason
+        parts: list[dict[str, Any]] = []
+        if chat:
+            parts += [{"message": message(thinking=t)} for t in answer.thinking]
+            parts += [{"message": message(content=t)} for t in answer.content]
+            if answer.tool_calls:
+                parts.append({"message": message(tool_calls=answer.tool_calls)})
+        else:
+            parts += [{"response": t} for t in answer.content]
 
-        def piece(content: str) -> dict[str, Any]:
-            if chat:
-                return {
-                    **head,
-                    "created_at": go_time(),
-                    "message": {"role": "assistant", "content": content},
-                    "done": False,
-                }
-            return {**head, "created_at": go_time(), "response": content, "done": False}
+        def piece(fields: dict[str, Any]) -> dict[str, Any]:
+            return {**head, "created_at": go_time(), **fields, "done": False}
 
-        def final(content: str, load_s: float, eval_started: float) -> dict[str, Any]:
-            obj = piece(content)
+        def final(fields: dict[str, Any], load_s: float, eval_started: float) -> dict[str, Any]:
+            obj = piece(fields)
             obj.update(done=True, done_reason=done_reason)
             if not chat:
-                obj["context"] = [1000 + i for i in range(prompt_count + len(tokens))]
+                obj["context"] = [1000 + i for i in range(prompt_count + answer.eval_count)]
             now = trio.current_time()
             obj.update(
                 total_duration=ns(now - started),
                 load_duration=ns(load_s),
                 prompt_eval_count=prompt_count,
                 prompt_eval_duration=prompt_count * 100_000,
-                eval_count=len(tokens),
+                eval_count=answer.eval_count,
                 eval_duration=ns(now - eval_started),
             )
             return obj
 
+        if chat:
+            whole = {
+                "message": message(
+                    content="".join(answer.content),
+                    thinking="".join(answer.thinking),
+                    tool_calls=answer.tool_calls,
+                )
+            }
+            last: dict[str, Any] = {"message": message()}
+        else:
+            whole = {"response": "".join(answer.content)}
+            last = {"response": ""}
         started = trio.current_time()
         async with self.generation(tag) as outcome:
 
@@ -242,12 +308,17 @@ class OllamaEmulator(OllamaModelStore):
                 if req.get("stream") is False:
                     await self.wait_hold(self.hold)
                     if self.token_delay_s > 0:
-                        await trio.sleep(self.token_delay_s * len(tokens))
+                        await trio.sleep(self.token_delay_s * len(parts))
                     done()
-                    await self._json(exchange, 200, final("".join(tokens), load_s, eval_started))
+                    await self._json(exchange, 200, final(whole, load_s, eval_started))
                 else:
                     await self._stream(
-                        exchange, tokens, piece, lambda: final("", load_s, eval_started), done
+                        exchange,
+                        parts,
+                        last,
+                        piece,
+                        lambda: final(last, load_s, eval_started),
+                        done,
                     )
             finally:
                 self._unload_if_zero(model, keep_alive)
@@ -255,8 +326,9 @@ class OllamaEmulator(OllamaModelStore):
     async def _stream(
         self,
         exchange: Exchange,
-        tokens: list[str],
-        piece: Callable[[str], dict[str, Any]],
+        parts: list[dict[str, Any]],
+        blank: dict[str, Any],
+        piece: Callable[[dict[str, Any]], dict[str, Any]],
         final: Callable[[], dict[str, Any]],
         done: Callable[[], None],
     ) -> None:
@@ -278,18 +350,18 @@ class OllamaEmulator(OllamaModelStore):
 
         overlong = self.overlong_bytes(exchange)
         if overlong is not None:
-            line = piece("")
+            line = piece(json.loads(json.dumps(blank)))
             filler = "x" * max(overlong - len(dump(line)), 0)
             if "message" in line:
                 line["message"]["content"] = filler
             else:
                 line["response"] = filler
             await emit(line)
-        for index, token in enumerate(tokens):
-            await emit(piece(token))
+        for index, part in enumerate(parts):
+            await emit(piece(part))
             if index == 0:
                 await self.wait_hold(self.hold)
-        if not tokens:
+        if not parts:
             await self.wait_hold(self.hold)
         await emit(None)
         await exchange.end_stream()

@@ -1,0 +1,524 @@
+"""The emulators' compatibility routes (Ollama's /v1/*, /v1/messages, /v1/responses, Ollama
+Cloud, the OpenAI-family provider's extra protocols), driven directly with the official
+`openai` and `anthropic` clients and with raw HTTP for the bytes on the wire."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anthropic
+import openai
+import pydantic
+import pytest
+import trio
+
+from tests.emulators import EmulatorBase, OllamaEmulator
+
+E = TypeVar("E", bound=EmulatorBase)
+T = TypeVar("T")
+
+REPLY = "The sky is blue because of Rayleigh scattering."
+WORDS = REPLY.split()
+QUESTION = [{"role": "user", "content": "why is the sky blue?"}]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
+
+
+@asynccontextmanager
+async def serving(emu: E) -> AsyncIterator[E]:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(emu.run)
+        try:
+            yield emu
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Raw:
+    """A response as it came off the socket: status, headers, body, HTTP chunks."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    chunks: list[bytes]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def sse(self) -> list[tuple[str | None, Any]]:
+        """(event name, data) of each SSE event; data ``[DONE]`` stays a string."""
+        events: list[tuple[str | None, Any]] = []
+        for block in self.body.decode().split("\n\n"):
+            if not block:
+                continue
+            name, data = None, ""
+            for line in block.split("\n"):
+                field, _, value = line.partition(": ")
+                if field == "event":
+                    name = value
+                elif field == "data":
+                    data = value
+            events.append((name, data if data == "[DONE]" else json.loads(data)))
+        return events
+
+
+async def raw(
+    emu: EmulatorBase,
+    path: str,
+    body: object = None,
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+    content: bytes | None = None,
+) -> Raw:
+    """One request over a bare socket (Connection: close); the response exactly as framed."""
+    payload = content if content is not None else b"" if body is None else json.dumps(body).encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"Content-Length: {len(payload)}", "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    stream = await trio.open_tcp_stream("127.0.0.1", emu.port)
+    data = b""
+    with trio.fail_after(10):
+        async with stream:
+            await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + payload)
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    chunks: list[bytes] = []
+    if parsed.get("transfer-encoding") == "chunked":
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            if size == 0:
+                break
+            chunks.append(rest[:size])
+            rest = rest[size + 2 :]
+        body_bytes = b"".join(chunks)
+    else:
+        body_bytes = rest
+        assert len(body_bytes) == int(parsed["content-length"])
+    return Raw(int(status_line.split()[1]), parsed, body_bytes, chunks)
+
+
+async def with_openai(emu: EmulatorBase, call: Callable[[openai.OpenAI], T], **kw: Any) -> T:
+    """Run ``call`` with the synchronous openai SDK in a worker thread, bounded in time."""
+    base_url = kw.pop("base_url", emu.url + "/v1")
+
+    def run() -> T:
+        with openai.OpenAI(
+            base_url=base_url, api_key=kw.pop("api_key", "ollama"), max_retries=0, timeout=5
+        ) as client:
+            return call(client)
+
+    with trio.fail_after(10):
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+
+async def with_anthropic(
+    emu: EmulatorBase, call: Callable[[anthropic.Anthropic], T], **kw: Any
+) -> T:
+    """Run ``call`` with the synchronous anthropic SDK in a worker thread."""
+    base_url = kw.pop("base_url", emu.url)
+
+    def run() -> T:
+        with anthropic.Anthropic(
+            base_url=base_url, max_retries=0, timeout=5, **{"api_key": "ollama", **kw}
+        ) as client:
+            return call(client)
+
+    with trio.fail_after(10):
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "llama3", "messages": QUESTION, **extra}
+
+
+# ------------------------------------------------- /v1/chat/completions
+
+
+async def test_chat_completion_with_the_sdk() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        answer = await with_openai(
+            emu, lambda c: c.chat.completions.create(model="llama3", messages=QUESTION)
+        )
+        assert answer.object == "chat.completion"
+        assert answer.id.startswith("chatcmpl-")
+        assert answer.system_fingerprint == "fp_ollama"
+        assert answer.model == "llama3"
+        (choice,) = answer.choices
+        assert choice.message.role == "assistant"
+        assert choice.message.content == REPLY
+        assert choice.finish_reason == "stop"
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == len(WORDS)
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + len(WORDS)
+        # what the middleware handed to the native chat handler
+        (inner,) = emu.inner_requests
+        assert inner["messages"] == [{"role": "user", "content": "why is the sky blue?"}]
+        assert inner["options"] == {"temperature": 1.0, "top_p": 1.0}
+        assert inner["stream"] is False
+        assert emu.completed_generations == 1
+
+
+async def test_chat_completion_bytes_non_stream() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        r = await raw(emu, "/v1/chat/completions", chat())
+        assert r.status == 200
+        assert r.headers["content-type"] == "application/json"
+        assert r.body.endswith(b"}\n")  # json.Encoder's newline
+        assert r.body.startswith(b'{"id":"chatcmpl-')
+        body = r.json()
+        assert list(body) == [
+            "id",
+            "object",
+            "created",
+            "model",
+            "system_fingerprint",
+            "choices",
+            "usage",
+        ]
+        assert body["choices"] == [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": REPLY},
+                "finish_reason": "stop",
+            }
+        ]
+
+
+async def test_chat_completion_stream_bytes_and_include_usage() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        body = chat(stream=True, stream_options={"include_usage": True})
+        r = await raw(emu, "/v1/chat/completions", body)
+        assert r.status == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        # one HTTP chunk per native line: the tokens, then finish + usage + [DONE] together
+        assert len(r.chunks) == len(WORDS) + 1
+        assert all(c.startswith(b"data: {") and c.endswith(b"}\n\n") for c in r.chunks[:-1])
+        assert r.chunks[-1].count(b"data: ") == 3
+        assert r.chunks[-1].endswith(b"data: [DONE]\n\n")
+        events = [data for _, data in r.sse()]
+        *tokens, finish, usage, done = events
+        assert done == "[DONE]"
+        assert tokens[0]["choices"][0]["delta"] == {"role": "assistant", "content": "The"}
+        assert [t["choices"][0]["delta"] for t in tokens[1:]] == [
+            {"content": f" {w}"} for w in WORDS[1:]
+        ]
+        assert all(t["choices"][0]["finish_reason"] is None for t in tokens)
+        assert all("usage" not in t for t in tokens)  # no "usage": null as OpenAI sends
+        assert finish["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+        assert usage["choices"] == []
+        assert usage["usage"]["completion_tokens"] == len(WORDS)
+        assert len({e["id"] for e in events[:-1]}) == 1
+        assert len({e["created"] for e in events[:-1]}) == 1
+
+        plain = await raw(emu, "/v1/chat/completions", chat(stream=True))
+        assert plain.chunks[-1].count(b"data: ") == 2  # no usage chunk unless asked
+
+
+async def test_chat_completion_stream_with_the_sdk() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> list[Any]:
+            stream = c.chat.completions.create(
+                model="llama3",
+                messages=QUESTION,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            return list(stream)
+
+        chunks = await with_openai(emu, run)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == REPLY
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == len(WORDS)
+
+
+async def test_tool_call_non_stream_and_round_trip() -> None:
+    emu = OllamaEmulator()
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    async with serving(emu):
+
+        def first(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(
+                model="llama3", messages=QUESTION, tools=[WEATHER_TOOL]
+            )
+
+        answer = await with_openai(emu, first)
+        (choice,) = answer.choices
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == ""
+        (call,) = choice.message.tool_calls
+        assert call.type == "function"
+        assert call.id.startswith("call_")
+        assert len(call.id) == len("call_") + 8
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        assert emu.inner_requests[-1]["tools"] == [WEATHER_TOOL]
+
+        history = [
+            *QUESTION,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"},
+        ]
+
+        def second(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(model="llama3", messages=history, tools=[WEATHER_TOOL])
+
+        final = await with_openai(emu, second)
+        assert final.choices[0].message.content == REPLY
+        assert final.choices[0].finish_reason == "stop"
+        inner = emu.inner_requests[-1]["messages"]
+        assert inner[1]["tool_calls"] == [
+            {"id": call.id, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ]
+        # the tool message keeps its call id and gets the tool's name from the history
+        assert inner[2] == {
+            "role": "tool",
+            "content": "18C and sunny",
+            "tool_name": "get_weather",
+            "tool_call_id": call.id,
+        }
+
+
+async def test_tool_call_streamed() -> None:
+    emu = OllamaEmulator()
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    async with serving(emu):
+        r = await raw(emu, "/v1/chat/completions", chat(stream=True, tools=[WEATHER_TOOL]))
+        first, finish, done = (data for _, data in r.sse())
+        (call,) = first["choices"][0]["delta"]["tool_calls"]
+        assert first["choices"][0]["delta"]["role"] == "assistant"
+        assert first["choices"][0]["delta"]["content"] == ""
+        assert call["index"] == 0
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+        assert finish["choices"][0]["finish_reason"] == "tool_calls"
+        assert done == "[DONE]"
+
+        def run(c: openai.OpenAI) -> list[Any]:
+            stream = c.chat.completions.create(
+                model="llama3", messages=QUESTION, tools=[WEATHER_TOOL], stream=True
+            )
+            return list(stream)
+
+        chunks = await with_openai(emu, run)
+        calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        assert [tc.function.name for tc in calls] == ["get_weather"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_tools_not_scripted_answer_text() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        r = await raw(emu, "/v1/chat/completions", chat(tools=[WEATHER_TOOL]))
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    temperature_c: float
+    sunny: bool
+    tags: list[str]
+
+
+async def test_structured_output_parse_with_pydantic() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.chat.completions.parse(
+                model="llama3", messages=QUESTION, response_format=Weather
+            )
+
+        answer = await with_openai(emu, run)
+        parsed = answer.choices[0].message.parsed
+        assert isinstance(parsed, Weather)
+        assert parsed.city == REPLY
+        schema = emu.inner_requests[-1]["format"]
+        assert schema["properties"]["temperature_c"]["type"] == "number"
+        emu.structured_reply = {"city": "Oslo", "temperature_c": -3.5, "sunny": False, "tags": []}
+        answer = await with_openai(emu, run)
+        assert answer.choices[0].message.parsed == Weather(
+            city="Oslo", temperature_c=-3.5, sunny=False, tags=[]
+        )
+        r = await raw(emu, "/v1/chat/completions", chat(response_format={"type": "json_object"}))
+        assert emu.inner_requests[-1]["format"] == "json"
+        assert json.loads(r.json()["choices"][0]["message"]["content"]) == {"answer": REPLY}
+
+
+async def test_images_as_content_parts() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        parts = [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": PNG}},
+        ]
+        messages = [{"role": "user", "content": parts}]
+        r = await raw(emu, "/v1/chat/completions", chat(messages=messages))
+        assert r.status == 200
+        inner = emu.inner_requests[-1]["messages"]
+        assert inner == [
+            {"role": "user", "content": "what is this?"},
+            {"role": "user", "content": "", "images": [PNG.split(",", 1)[1]]},
+        ]
+        for url in ("https://example.com/cat.png", "http://example.com/cat.png"):
+            bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+            r = await raw(emu, "/v1/chat/completions", chat(messages=bad))
+            assert r.status == 400
+            assert r.headers["content-type"] == "application/json; charset=utf-8"
+            assert r.json() == {
+                "error": {
+                    "message": "image URLs are not currently supported, please use base64 "
+                    "encoded data instead",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": "data:x"}]}]
+        r = await raw(emu, "/v1/chat/completions", chat(messages=bad))
+        assert (r.status, r.json()["error"]["message"]) == (400, "invalid image input")
+        assert emu.completed_generations == 1
+
+        def sdk_call(c: openai.OpenAI) -> Any:
+            url = {"url": "https://example.com/cat.png"}
+            content = [{"type": "image_url", "image_url": url}]
+            return c.chat.completions.create(
+                model="llama3", messages=[{"role": "user", "content": content}]
+            )
+
+        with pytest.raises(openai.BadRequestError, match="image URLs are not currently"):
+            await with_openai(emu, sdk_call)
+
+
+async def test_reasoning_effort_to_think_and_reasoning_back() -> None:
+    emu = OllamaEmulator(models=("gpt-oss:20b", "llama3"))
+    emu.thinking_models = {"gpt-oss:20b"}
+    async with serving(emu):
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(
+                model="gpt-oss:20b", messages=QUESTION, reasoning_effort="high"
+            )
+
+        answer = await with_openai(emu, run)
+        assert emu.inner_requests[-1]["think"] == "high"
+        message = answer.choices[0].message
+        assert message.content == REPLY
+        assert message.model_extra is not None
+        assert message.model_extra["reasoning"] == emu.thinking
+        mapping = {"none": False, "minimal": "low", "xhigh": "max", "medium": "medium"}
+        for effort, think in mapping.items():
+            await raw(
+                emu, "/v1/chat/completions", chat(model="gpt-oss:20b", reasoning_effort=effort)
+            )
+            assert emu.inner_requests[-1]["think"] == think
+        no_think = await raw(
+            emu, "/v1/chat/completions", chat(model="gpt-oss:20b", reasoning_effort="none")
+        )
+        assert "reasoning" not in no_think.json()["choices"][0]["message"]
+
+        # streamed: thinking tokens first as `reasoning` deltas, with "content": ""
+        r = await raw(emu, "/v1/chat/completions", chat(model="gpt-oss:20b", stream=True))
+        deltas = [d["choices"][0]["delta"] for _, d in r.sse() if d != "[DONE]"]
+        assert deltas[0] == {"role": "assistant", "content": "", "reasoning": "Rayleigh"}
+        thinking = "".join(d.get("reasoning", "") for d in deltas)
+        assert thinking == emu.thinking
+        assert "".join(d.get("content", "") for d in deltas) == REPLY
+
+        r = await raw(emu, "/v1/chat/completions", chat(reasoning_effort="low"))
+        assert r.status == 400
+        assert r.json()["error"]["message"] == '"llama3" does not support thinking'
+        r = await raw(emu, "/v1/chat/completions", chat(reasoning_effort="extreme"))
+        assert r.status == 400
+        assert r.json()["error"]["message"].startswith('invalid reasoning value: "extreme"')
+
+
+async def test_sampling_options_stop_and_seed() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(
+                model="llama3",
+                messages=QUESTION,
+                stop=[" because"],
+                seed=42,
+                temperature=0.2,
+                top_p=0.9,
+                frequency_penalty=0.5,
+                presence_penalty=0.25,
+                max_tokens=100,
+            )
+
+        answer = await with_openai(emu, run)
+        assert answer.choices[0].message.content == "The sky is blue"
+        assert answer.choices[0].finish_reason == "stop"
+        assert emu.inner_requests[-1]["options"] == {
+            "stop": [" because"],
+            "num_predict": 100,
+            "temperature": 0.2,
+            "seed": 42,
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0.25,
+            "top_p": 0.9,
+        }
+        r = await raw(emu, "/v1/chat/completions", chat(stop="sky", max_tokens=1))
+        assert emu.inner_requests[-1]["options"]["stop"] == ["sky"]
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["choices"][0]["message"]["content"] == "The"
+
+
+async def test_chat_completion_errors() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        r = await raw(emu, "/v1/chat/completions", chat(model="nope"))
+        assert r.status == 404
+        assert r.headers["content-type"] == "application/json"
+        assert r.body == (
+            b'{"error":{"message":"model \'nope\' not found","type":"not_found_error",'
+            b'"param":null,"code":null}}\n'
+        )
+        with pytest.raises(openai.NotFoundError) as caught:
+            await with_openai(
+                emu, lambda c: c.chat.completions.create(model="nope", messages=QUESTION)
+            )
+        assert caught.value.status_code == 404
+        r = await raw(emu, "/v1/chat/completions", chat(messages=[]))
+        assert (r.status, r.json()["error"]["message"]) == (400, "[] is too short - 'messages'")
+        r = await raw(emu, "/v1/chat/completions", content=b"[not json")
+        assert r.status == 400
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert r.json()["error"]["message"].startswith("invalid character 'n'")
+        r = await raw(emu, "/v1/chat/completions", content=b"")
+        assert (r.status, r.json()["error"]["message"]) == (400, "EOF")
+        r = await raw(emu, "/v1/chat/completions", chat(model="nomic-embed-text"))
+        assert r.status == 400
+        assert r.json()["error"]["message"] == '"nomic-embed-text" does not support chat'
+        r = await raw(emu, "/v1/chat/completions", method="GET")
+        assert (r.status, r.body) == (405, b"405 method not allowed")
+        emu.faults.status = 503
+        r = await raw(emu, "/v1/chat/completions", chat())
+        assert r.status == 503
+        assert r.json()["error"]["type"] == "api_error"
+        assert r.json()["error"]["message"].startswith("server busy")
+        assert emu.completed_generations == 0
