@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from tests.emulators import EmulatorBase, OllamaEmulator
+from tests.emulators.wire import split_tokens
 
 E = TypeVar("E", bound=EmulatorBase)
 T = TypeVar("T")
@@ -522,3 +523,342 @@ async def test_chat_completion_errors() -> None:
         assert r.json()["error"]["type"] == "api_error"
         assert r.json()["error"]["message"].startswith("server busy")
         assert emu.completed_generations == 0
+
+
+# ------------------------------------------------------ other /v1 routes
+
+
+async def test_completions_route() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.completions.create(model="llama3", prompt="why?", stop=["blue"], seed=7)
+
+        answer = await with_openai(emu, run)
+        assert answer.object == "text_completion"
+        assert answer.id.startswith("cmpl-")
+        assert answer.choices[0].text == "The sky is "
+        assert answer.choices[0].finish_reason == "stop"
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens == len(split_tokens("The sky is "))
+        inner = emu.inner_requests[-1]
+        assert inner["prompt"] == "why?"
+        assert inner["options"]["seed"] == 7
+        assert inner["options"]["stop"] == ["blue"]
+
+        body = {"model": "llama3", "prompt": "why?", "stream": True}
+        r = await raw(emu, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+        assert r.headers["content-type"] == "text/event-stream"
+        assert len(r.chunks) == len(WORDS) + 1
+        *tokens, last, usage, done = (data for _, data in r.sse())
+        assert "".join(t["choices"][0]["text"] for t in tokens) == REPLY
+        # Ollama puts a zero usage on every chunk when include_usage is on
+        assert tokens[0]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        assert last["choices"] == [{"text": "", "index": 0, "finish_reason": "stop"}]
+        assert usage["choices"] == []
+        assert usage["usage"]["completion_tokens"] == len(WORDS)
+        assert done == "[DONE]"
+
+        r = await raw(emu, "/v1/completions", {"model": "llama3", "prompt": "x", "stop": [1]})
+        assert r.status == 400
+        assert r.json()["error"]["message"] == "invalid type for 'stop' field: float64"
+        r = await raw(emu, "/v1/completions", {"model": "nope", "prompt": "x"})
+        assert (r.status, r.json()["error"]["type"]) == (404, "not_found_error")
+
+
+async def test_embeddings_route() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.embeddings.create(
+                model="nomic-embed-text", input=["a", "b"], encoding_format="float"
+            )
+
+        answer = await with_openai(emu, run)
+        assert [d.index for d in answer.data] == [0, 1]
+        assert len(answer.data[0].embedding) == 8
+        assert answer.model == "nomic-embed-text"
+        assert answer.usage.prompt_tokens == 2
+        # the SDK's default asks for base64: little-endian float32
+        b64 = await with_openai(
+            emu, lambda c: c.embeddings.create(model="nomic-embed-text", input="a")
+        )
+        floats = await raw(emu, "/v1/embeddings", {"model": "nomic-embed-text", "input": "a"})
+        expected = floats.json()["data"][0]["embedding"]
+        assert b64.data[0].embedding == pytest.approx(expected, rel=1e-6)
+        r = await raw(emu, "/v1/embeddings", {"model": "nomic-embed-text", "input": []})
+        assert (r.status, r.json()["error"]["message"]) == (400, "invalid input")
+        body = {"model": "nomic-embed-text", "input": "a", "encoding_format": "int8"}
+        r = await raw(emu, "/v1/embeddings", body)
+        assert r.status == 400
+        assert r.json()["error"]["message"] == (
+            "Invalid value for 'encoding_format' = int8. Supported values: ['float', 'base64']."
+        )
+        r = await raw(emu, "/v1/embeddings", {"model": "nope", "input": "a"})
+        assert r.status == 404
+        assert r.json()["error"]["message"] == 'model "nope" not found, try pulling it first'
+        assert emu.completed_generations == 0  # embeddings are not generations
+
+
+async def test_models_list_and_retrieve() -> None:
+    async with serving(OllamaEmulator(models=("llama3", "someone/custom:7b"))) as emu:
+        listing = await with_openai(emu, lambda c: list(c.models.list()))
+        assert [(m.id, m.owned_by) for m in listing] == [
+            ("llama3:latest", "library"),
+            ("someone/custom:7b", "someone"),
+        ]
+        assert listing[0].created == 1746864408
+        model = await with_openai(emu, lambda c: c.models.retrieve("llama3"))
+        assert (model.id, model.object, model.owned_by) == ("llama3", "model", "library")
+        with pytest.raises(openai.NotFoundError, match="model 'nope' not found"):
+            await with_openai(emu, lambda c: c.models.retrieve("nope"))
+        r = await raw(emu, "/v1/models", method="GET")
+        assert r.body.endswith(b"]}\n")
+    async with serving(OllamaEmulator(models=())) as emu:
+        r = await raw(emu, "/v1/models", method="GET")
+        assert r.json() == {"object": "list", "data": None}  # a Go nil slice
+
+
+# ------------------------------------------------------------ /v1/messages
+
+
+def thinking_emulator() -> OllamaEmulator:
+    emu = OllamaEmulator(models=("qwen3:8b", "llama3"))
+    emu.thinking_models = {"qwen3:8b"}
+    return emu
+
+
+async def test_messages_with_the_sdk_and_system_prompt() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(
+                model="llama3",
+                max_tokens=64,
+                system="Be brief.",
+                messages=[{"role": "user", "content": "why is the sky blue?"}],
+                stop_sequences=["END"],
+                extra_body={"temperature": 0.5},
+            )
+
+        message = await with_anthropic(emu, run)
+        assert message.id.startswith("msg_")
+        assert len(message.id) == len("msg_") + 24
+        assert message.type == "message"
+        assert message.role == "assistant"
+        assert message.model == "llama3"
+        assert [b.type for b in message.content] == ["text"]
+        assert message.content[0].text == REPLY
+        assert message.stop_reason == "end_turn"
+        assert message.usage.output_tokens == len(WORDS)
+        assert message.usage.input_tokens == 2 + 5  # "Be brief." + the question, in words
+        inner = emu.inner_requests[-1]
+        assert inner["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "why is the sky blue?"},
+        ]
+        assert inner["options"] == {"num_predict": 64, "temperature": 0.5, "stop": ["END"]}
+        blocks = [{"type": "text", "text": "Be "}, {"type": "text", "text": "terse."}]
+        body = {"model": "llama3", "max_tokens": 2, "system": blocks, "messages": QUESTION}
+        r = await raw(emu, "/v1/messages", body)
+        assert emu.inner_requests[-1]["messages"][0] == {"role": "system", "content": "Be terse."}
+        assert r.json()["stop_reason"] == "max_tokens"
+        assert r.headers["content-type"] == "application/json"
+        assert r.body.endswith(b"}\n")
+        assert list(r.json()) == ["id", "type", "role", "model", "content", "stop_reason", "usage"]
+
+
+async def test_messages_stream_events_and_bytes() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        body = {"model": "llama3", "max_tokens": 64, "messages": QUESTION, "stream": True}
+        r = await raw(emu, "/v1/messages", body)
+        assert r.status == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache"
+        # every event is flushed on its own: one HTTP chunk each
+        assert all(c.startswith(b"event: ") and c.count(b"\n\n") == 1 for c in r.chunks)
+        names = [name for name, _ in r.sse()]
+        assert len(r.chunks) == len(names)
+        assert names == [
+            "message_start",
+            "content_block_start",
+            *["content_block_delta"] * len(WORDS),
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]  # and no ping: Ollama sends none
+        events = [data for _, data in r.sse()]
+        assert all(data["type"] == name for name, data in r.sse())
+        start = events[0]["message"]
+        assert start["content"] == []
+        assert start["usage"]["output_tokens"] == 0
+        assert start["usage"]["input_tokens"] > 0  # estimated from the request
+        assert events[1]["content_block"] == {"type": "text", "text": ""}
+        assert events[2]["delta"] == {"type": "text_delta", "text": "The"}
+        assert events[-2]["delta"] == {"stop_reason": "end_turn"}
+        assert events[-2]["usage"]["output_tokens"] == len(WORDS)
+
+        def run(c: anthropic.Anthropic) -> tuple[str, Any]:
+            with c.messages.stream(model="llama3", max_tokens=64, messages=QUESTION) as stream:
+                text = "".join(stream.text_stream)
+                return text, stream.get_final_message()
+
+        text, final = await with_anthropic(emu, run)
+        assert text == REPLY
+        assert final.stop_reason == "end_turn"
+        assert final.usage.output_tokens == len(WORDS)
+
+
+async def test_messages_tool_use_round_trip() -> None:
+    emu = OllamaEmulator()
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    tool = {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "input_schema": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+    }
+    async with serving(emu):
+
+        def first(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(model="llama3", max_tokens=64, messages=QUESTION, tools=[tool])
+
+        message = await with_anthropic(emu, first)
+        assert message.stop_reason == "tool_use"
+        (use,) = message.content
+        assert use.type == "tool_use"
+        assert use.name == "get_weather"
+        assert use.input == {"city": "Paris"}
+        assert emu.inner_requests[-1]["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city.",
+                    "parameters": tool["input_schema"],
+                },
+            }
+        ]
+        result = {"type": "tool_result", "tool_use_id": use.id, "content": "18C"}
+        history = [
+            *QUESTION,
+            {"role": "assistant", "content": [use.model_dump()]},
+            {"role": "user", "content": [result]},
+        ]
+
+        def second(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(model="llama3", max_tokens=64, messages=history, tools=[tool])
+
+        answer = await with_anthropic(emu, second)  # the last native message is the tool's
+        assert answer.content[0].text == REPLY
+        assert answer.stop_reason == "end_turn"
+        inner = emu.inner_requests[-1]["messages"]
+        assert inner[1] == {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": use.id, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+            ],
+        }
+        assert inner[2] == {"role": "tool", "content": "18C", "tool_call_id": use.id}
+        # tool results go before the user's own text in the same message
+        history[-1] = {"role": "user", "content": [{"type": "text", "text": "and?"}, result]}
+        body = {"model": "llama3", "max_tokens": 8, "messages": history}
+        await raw(emu, "/v1/messages", body)
+        assert emu.inner_requests[-1]["messages"][2:] == [
+            {"role": "tool", "content": "18C", "tool_call_id": use.id},
+            {"role": "user", "content": "and?"},
+        ]
+
+        # streamed: a tool_use block with input {} then the arguments as one input_json_delta
+        body = {"model": "llama3", "max_tokens": 64, "messages": QUESTION, "tools": [tool]}
+        r = await raw(emu, "/v1/messages", {**body, "stream": True})
+        events = [data for _, data in r.sse()]
+        assert [e["type"] for e in events] == [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+        assert events[1]["content_block"]["input"] == {}
+        assert events[1]["content_block"]["name"] == "get_weather"
+        assert events[2]["delta"] == {
+            "type": "input_json_delta",
+            "partial_json": '{"city":"Paris"}',
+        }
+        assert events[4]["delta"] == {"stop_reason": "tool_use"}
+
+
+async def test_messages_thinking() -> None:
+    async with serving(thinking_emulator()) as emu:
+
+        def run(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(
+                model="qwen3:8b",
+                max_tokens=64,
+                messages=QUESTION,
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
+
+        message = await with_anthropic(emu, run)
+        assert emu.inner_requests[-1]["think"] is True
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        assert message.content[0].thinking == emu.thinking
+        body = {"model": "qwen3:8b", "max_tokens": 64, "messages": QUESTION, "stream": True}
+        events = [d for _, d in (await raw(emu, "/v1/messages", body)).sse()]
+        starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+        assert starts == [{"type": "thinking", "thinking": ""}, {"type": "text", "text": ""}]
+        stops = [e["index"] for e in events if e["type"] == "content_block_stop"]
+        assert stops == [0, 1]
+        # a model without thinking: Ollama drops `think` on this route instead of a 400
+        plain = {"model": "llama3", "max_tokens": 8, "messages": QUESTION}
+        r = await raw(emu, "/v1/messages", {**plain, "thinking": {"type": "enabled"}})
+        assert r.status == 200
+        body = {**plain, "thinking": {"type": "disabled"}, "model": "qwen3:8b"}
+        r = await raw(emu, "/v1/messages", body)
+        assert [b["type"] for b in r.json()["content"]] == ["text"]
+
+
+async def test_messages_errors() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        body = {"model": "nope", "max_tokens": 8, "messages": QUESTION}
+        r = await raw(emu, "/v1/messages", body)
+        assert r.status == 404
+        assert r.headers["content-type"] == "application/json"
+        error = r.json()
+        assert error["type"] == "error"
+        assert error["error"] == {"type": "not_found_error", "message": "model 'nope' not found"}
+        assert error["request_id"].startswith("req_")
+        with pytest.raises(anthropic.NotFoundError):
+            await with_anthropic(
+                emu, lambda c: c.messages.create(model="nope", max_tokens=8, messages=QUESTION)
+            )
+        for bad, message in [
+            ({"max_tokens": 8, "messages": QUESTION}, "model is required"),
+            (
+                {"model": "llama3", "messages": QUESTION},
+                "max_tokens is required and must be positive",
+            ),
+            ({"model": "llama3", "max_tokens": 8, "messages": []}, "messages is required"),
+        ]:
+            r = await raw(emu, "/v1/messages", bad)
+            assert r.status == 400
+            assert r.json()["error"] == {"type": "invalid_request_error", "message": message}
+        url_image = {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}
+        body = {
+            "model": "llama3",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": [url_image]}],
+        }
+        r = await raw(emu, "/v1/messages", body)
+        assert r.status == 400
+        assert r.json()["error"]["message"] == (
+            "invalid image source type: url. Only base64 images are supported."
+        )
+        emu.faults.status = 503
+        r = await raw(
+            emu, "/v1/messages", {"model": "llama3", "max_tokens": 8, "messages": QUESTION}
+        )
+        assert r.status == 503
+        assert r.json()["error"]["type"] == "overloaded_error"

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING
 
+from . import ollama_anthropic as anth
 from . import ollama_openai as oa
 from .http import Exchange
 
@@ -35,6 +36,7 @@ def compat_routes(emu: OllamaEmulator, path: str) -> dict[str, dict[str, Handler
         "/v1/completions": {"POST": partial(oa.completions, emu)},
         "/v1/embeddings": {"POST": partial(oa.embeddings, emu)},
         "/v1/models": {"GET": partial(oa.list_models, emu)},
+        "/v1/messages": {"POST": partial(anth.messages, emu)},
     }
     model = path.removeprefix("/v1/models/")
     if path.startswith("/v1/models/") and model and "/" not in model:
@@ -45,4 +47,6 @@ def compat_routes(emu: OllamaEmulator, path: str) -> dict[str, dict[str, Handler
 
 def compat_error(path: str, status: int, native: bytes) -> tuple[bytes, str]:
     """A native ``{"error": ...}`` as the route at ``path`` writes it."""
+    if path == "/v1/messages":
+        return anth.from_native_error(status, native), "application/json"
     return oa.from_native_error(status, native), "application/json"
