@@ -862,3 +862,195 @@ async def test_messages_errors() -> None:
         )
         assert r.status == 503
         assert r.json()["error"]["type"] == "overloaded_error"
+
+
+# ----------------------------------------------------------- /v1/responses
+
+
+async def test_responses_with_the_sdk() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.responses.create(
+                model="llama3", input="why is the sky blue?", instructions="Be brief."
+            )
+
+        response = await with_openai(emu, run)
+        assert response.id.startswith("resp_")
+        assert response.status == "completed"
+        assert response.output_text == REPLY
+        assert response.instructions == "Be brief."
+        assert response.usage is not None
+        assert response.usage.output_tokens == len(WORDS)
+        assert response.completed_at is not None
+        assert emu.inner_requests[-1]["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "why is the sky blue?"},
+        ]
+        r = await raw(emu, "/v1/responses", {"model": "llama3", "input": "hi"})
+        assert r.headers["content-type"] == "application/json"
+        assert list(r.json())[:6] == [
+            "id",
+            "object",
+            "created_at",
+            "completed_at",
+            "status",
+            "incomplete_details",
+        ]
+        assert r.json()["top_p"] == 1  # Go prints a whole float64 without a fraction
+        assert b'"top_p":1,' in r.body
+
+
+async def test_responses_stream_events_and_bytes() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        body = {"model": "llama3", "input": "hi", "stream": True}
+        r = await raw(emu, "/v1/responses", body)
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache"
+        events = r.sse()
+        assert len(r.chunks) == len(events)  # one flush per event
+        names = [name for name, _ in events]
+        assert names == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            *["response.output_text.delta"] * len(WORDS),
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+        assert all(data["type"] == name for name, data in events)
+        # Go maps: keys sorted on the wire
+        for chunk in r.chunks:
+            data = json.loads(chunk.split(b"data: ", 1)[1])
+            assert list(data) == sorted(data)
+        completed = events[-1][1]["response"]
+        assert completed["status"] == "completed"
+        assert completed["usage"]["output_tokens"] == len(WORDS)
+        assert completed["output"][0]["content"][0]["text"] == REPLY
+
+        def run(c: openai.OpenAI) -> tuple[str, Any]:
+            text, final = "", None
+            for event in c.responses.create(model="llama3", input="hi", stream=True):
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+                if event.type == "response.completed":
+                    final = event.response
+            return text, final
+
+        text, final = await with_openai(emu, run)
+        assert text == REPLY
+        assert final is not None
+        assert final.output_text == REPLY
+
+
+async def test_responses_function_call_round_trip_and_reasoning() -> None:
+    emu = thinking_emulator()
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": WEATHER_TOOL["function"]["parameters"],  # type: ignore[index]
+    }
+    async with serving(emu):
+
+        def first(c: openai.OpenAI) -> Any:
+            return c.responses.create(
+                model="qwen3:8b", input="weather?", tools=[tool], reasoning={"effort": "low"}
+            )
+
+        response = await with_openai(emu, first)
+        assert emu.inner_requests[-1]["think"] == "low"
+        assert response.reasoning is not None
+        assert response.reasoning.effort == "low"
+        assert [item.type for item in response.output] == ["reasoning", "function_call"]
+        call = response.output[1]
+        assert call.name == "get_weather"
+        assert json.loads(call.arguments) == {"city": "Paris"}
+        assert call.call_id.startswith("call_")
+        history = [
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "18C"},
+        ]
+        history[1]["arguments"] = call.arguments
+
+        def second(c: openai.OpenAI) -> Any:
+            return c.responses.create(model="qwen3:8b", input=history, tools=[tool])
+
+        final = await with_openai(emu, second)
+        assert final.output_text == REPLY
+        assert emu.inner_requests[-1]["messages"][1:] == [
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    }
+                ],
+            },
+            {"role": "tool", "content": "18C", "tool_call_id": call.call_id},
+        ]
+        body = {"model": "qwen3:8b", "input": "weather?", "tools": [tool], "stream": True}
+        names = [name for name, _ in (await raw(emu, "/v1/responses", body)).sse()]
+        assert names == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            *["response.reasoning_summary_text.delta"] * len(emu.thinking.split()),
+            "response.reasoning_summary_text.done",
+            "response.output_item.done",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+
+
+async def test_responses_structured_output_and_errors() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.responses.parse(model="llama3", input="weather?", text_format=Weather)
+
+        parsed = await with_openai(emu, run)
+        assert isinstance(parsed.output_parsed, Weather)
+        assert emu.inner_requests[-1]["format"]["type"] == "object"
+        r = await raw(emu, "/v1/responses", {"model": "nope", "input": "hi"})
+        assert r.status == 404
+        assert r.json()["error"] == {
+            "message": "model 'nope' not found",
+            "type": "not_found_error",
+            "param": None,
+            "code": None,
+        }
+        bad = {"model": "llama3", "input": [{"type": "input_file", "file_id": "f"}]}
+        r = await raw(emu, "/v1/responses", bad)
+        assert r.status == 400
+        assert r.json()["error"]["message"] == 'input[0]: unknown input item type: "input_file"'
+        file_part = [{"type": "input_file", "file_data": "x"}]
+        bad = {"model": "llama3", "input": [{"role": "user", "content": file_part}]}
+        r = await raw(emu, "/v1/responses", bad)
+        assert r.json()["error"]["message"] == "file inputs are not currently supported"
+
+
+async def test_routes_newer_than_the_emulated_version_are_404() -> None:
+    async with serving(OllamaEmulator(version="0.13.2")) as emu:
+        r = await raw(emu, "/v1/responses", {"model": "llama3", "input": "hi"})
+        assert (r.status, r.body) == (404, b"404 page not found")
+        r = await raw(
+            emu, "/v1/messages", {"model": "llama3", "max_tokens": 8, "messages": QUESTION}
+        )
+        assert (r.status, r.body) == (404, b"404 page not found")
+        assert (await raw(emu, "/v1/chat/completions", chat())).status == 200
+    async with serving(OllamaEmulator(version="0.13.5")) as emu:
+        assert (await raw(emu, "/v1/responses", {"model": "llama3", "input": "hi"})).status == 200
+        body = {"model": "llama3", "max_tokens": 8, "messages": QUESTION}
+        assert (await raw(emu, "/v1/messages", body)).status == 404

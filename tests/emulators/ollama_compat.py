@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import ollama_anthropic as anth
 from . import ollama_openai as oa
+from . import ollama_responses as resp
 from .http import Exchange
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def compat_routes(emu: OllamaEmulator, path: str) -> dict[str, dict[str, Handler
         "/v1/embeddings": {"POST": partial(oa.embeddings, emu)},
         "/v1/models": {"GET": partial(oa.list_models, emu)},
         "/v1/messages": {"POST": partial(anth.messages, emu)},
+        "/v1/responses": {"POST": partial(resp.responses, emu)},
     }
     model = path.removeprefix("/v1/models/")
     if path.startswith("/v1/models/") and model and "/" not in model:
