@@ -17,7 +17,7 @@ import pydantic
 import pytest
 import trio
 
-from tests.emulators import EmulatorBase, OllamaEmulator
+from tests.emulators import EmulatorBase, OllamaEmulator, OpenAIEmulator
 from tests.emulators.wire import split_tokens
 
 E = TypeVar("E", bound=EmulatorBase)
@@ -1054,3 +1054,189 @@ async def test_routes_newer_than_the_emulated_version_are_404() -> None:
         assert (await raw(emu, "/v1/responses", {"model": "llama3", "input": "hi"})).status == 200
         body = {"model": "llama3", "max_tokens": 8, "messages": QUESTION}
         assert (await raw(emu, "/v1/messages", body)).status == 404
+
+
+# ------------------------------------------------------------- Ollama Cloud
+
+
+async def test_cloud_requires_the_key_in_each_routes_shape() -> None:
+    async with serving(OllamaEmulator.cloud(api_key="ck-1")) as emu:
+        assert "gpt-oss:120b" in emu.models
+        r = await raw(emu, "/api/chat", {"model": "gpt-oss:120b", "messages": QUESTION})
+        assert (r.status, r.json()) == (401, {"error": "unauthorized"})
+        r = await raw(emu, "/v1/chat/completions", chat(model="gpt-oss:120b"))
+        assert r.status == 401
+        assert r.json() == {
+            "error": {"message": "unauthorized", "type": "api_error", "param": None, "code": None}
+        }
+        body = {"model": "gpt-oss:120b", "max_tokens": 8, "messages": QUESTION}
+        r = await raw(emu, "/v1/messages", body)
+        assert r.status == 401
+        assert r.json()["error"] == {"type": "authentication_error", "message": "unauthorized"}
+        r = await raw(emu, "/v1/models", method="GET", headers={"Authorization": "Bearer wrong"})
+        assert r.status == 401
+        assert emu.completed_generations == 0
+        with pytest.raises(openai.AuthenticationError):
+            await with_openai(emu, lambda c: list(c.models.list()))
+
+
+async def test_cloud_serves_every_route_with_the_key() -> None:
+    async with serving(OllamaEmulator.cloud(api_key="ck-1")) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(model="gpt-oss:120b", messages=QUESTION)
+
+        answer = await with_openai(emu, run, api_key="ck-1")
+        assert answer.choices[0].message.content == REPLY
+        assert answer.choices[0].message.model_extra == {"reasoning": emu.thinking}
+        response = await with_openai(
+            emu, lambda c: c.responses.create(model="gpt-oss:120b", input="hi"), api_key="ck-1"
+        )
+        assert response.output_text == REPLY
+        message = await with_anthropic(
+            emu,
+            lambda c: c.messages.create(model="gpt-oss:120b", max_tokens=64, messages=QUESTION),
+            api_key=None,
+            auth_token="ck-1",  # Authorization: Bearer, as Claude Code's ANTHROPIC_AUTH_TOKEN
+        )
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        auth = {"Authorization": "Bearer ck-1"}
+        r = await raw(
+            emu, "/api/chat", {"model": "gpt-oss:120b", "messages": QUESTION}, headers=auth
+        )
+        assert r.status == 200
+        # the cloud names its models without the local -cloud tag: that one is unknown there
+        r = await raw(emu, "/v1/chat/completions", chat(model="gpt-oss:120b-cloud"), headers=auth)
+        assert r.status == 404
+        assert r.json()["error"]["message"] == "model 'gpt-oss:120b-cloud' not found"
+        listing = await with_openai(emu, lambda c: list(c.models.list()), api_key="ck-1")
+        assert [m.id for m in listing] == list(emu.models)
+
+
+# ------------------------------------------- an OpenAI-family provider's protocols
+
+
+async def test_provider_protocols_are_off_unless_switched_on() -> None:
+    async with serving(OpenAIEmulator()) as emu:
+        auth = {"Authorization": "Bearer sk-test"}
+        body = {"model": "openai/gpt-4o-mini", "input": "hi"}
+        r = await raw(emu, "/api/v1/responses", body, headers=auth)
+        assert r.status == 404
+        assert r.json()["error"]["message"] == "Invalid URL (POST /api/v1/responses)"
+        body = {"model": "openai/gpt-4o-mini", "max_tokens": 8, "messages": QUESTION}
+        r = await raw(emu, "/api/v1/messages", body, headers=auth)
+        assert r.status == 404
+        emu.serves_messages = True
+        assert (await raw(emu, "/api/v1/messages", body, headers=auth)).status == 200
+
+
+async def test_provider_responses_route() -> None:
+    emu = OpenAIEmulator(serves_responses=True, api_key="sk-or")
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    async with serving(emu):
+        base = emu.url + "/api/v1"
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.responses.create(model="openai/gpt-4o-mini", input="hi")
+
+        response = await with_openai(emu, run, base_url=base, api_key="sk-or")
+        assert response.output_text == "Hello from the emulator."
+        assert response.usage is not None
+        assert response.usage.output_tokens == 4
+        with pytest.raises(openai.AuthenticationError):
+            await with_openai(emu, run, base_url=base, api_key="sk-wrong")
+        with pytest.raises(openai.NotFoundError):
+            await with_openai(
+                emu,
+                lambda c: c.responses.create(model="nope", input="hi"),
+                base_url=base,
+                api_key="sk-or",
+            )
+        auth = {"Authorization": "Bearer sk-or"}
+        body = {"model": "openai/gpt-4o-mini", "input": "hi", "stream": True}
+        r = await raw(emu, "/api/v1/responses", body, headers=auth)
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        events = r.sse()
+        assert len(r.chunks) == len(events)
+        assert events[0][0] == "response.created"
+        assert events[-1][0] == "response.completed"
+        assert events[-1][1]["response"]["usage"]["output_tokens"] == 4
+        assert all(list(data)[:2] == ["type", "sequence_number"] for _, data in events)
+        tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+        r = await raw(emu, "/api/v1/responses", {**body, "tools": [tool]}, headers=auth)
+        names = [name for name, _ in r.sse()]
+        assert "response.function_call_arguments.done" in names
+        assert emu.completed_generations == 3  # the refused requests generate nothing
+
+
+async def test_provider_messages_route() -> None:
+    emu = OpenAIEmulator(serves_messages=True, api_key="sk-kimi", models=("kimi-k2",))
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    async with serving(emu):
+        base = emu.url + "/anthropic"
+
+        def run(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(model="kimi-k2", max_tokens=64, messages=QUESTION)
+
+        message = await with_anthropic(emu, run, base_url=base, api_key="sk-kimi")
+        assert message.content[0].text == "Hello from the emulator."
+        assert message.stop_reason == "end_turn"
+        assert message.stop_sequence is None
+        assert message.usage.output_tokens == 4
+        assert emu.requests[-1].path == "/anthropic/v1/messages"
+        assert emu.requests[-1].headers["authorization"] == "Bearer sk-kimi"  # this SDK's way
+        bearer = await with_anthropic(emu, run, base_url=base, api_key=None, auth_token="sk-kimi")
+        assert bearer.content[0].text == "Hello from the emulator."
+        with pytest.raises(anthropic.AuthenticationError, match="invalid x-api-key"):
+            await with_anthropic(emu, run, base_url=base, api_key="sk-wrong")
+        r = await raw(emu, "/anthropic/v1/messages", {"model": "kimi-k2", "messages": QUESTION})
+        assert r.status == 401
+        assert r.json() == {
+            "type": "error",
+            "error": {"type": "authentication_error", "message": "x-api-key header is required"},
+        }
+
+        def stream(c: anthropic.Anthropic) -> tuple[str, Any]:
+            with c.messages.stream(model="kimi-k2", max_tokens=64, messages=QUESTION) as s:
+                return "".join(s.text_stream), s.get_final_message()
+
+        text, final = await with_anthropic(emu, stream, base_url=base, api_key="sk-kimi")
+        assert text == "Hello from the emulator."
+        assert final.usage.output_tokens == 4
+        body = {"model": "kimi-k2", "max_tokens": 64, "messages": QUESTION, "stream": True}
+        r = await raw(emu, "/anthropic/v1/messages", body, headers={"x-api-key": "sk-kimi"})
+        names = [name for name, _ in r.sse()]
+        assert names[:3] == ["message_start", "content_block_start", "ping"]
+        assert names[-2:] == ["message_delta", "message_stop"]
+        assert r.sse()[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+        tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+
+        def tool_use(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(
+                model="kimi-k2", max_tokens=64, messages=QUESTION, tools=[tool]
+            )
+
+        used = await with_anthropic(emu, tool_use, base_url=base, api_key="sk-kimi")
+        assert used.stop_reason == "tool_use"
+        assert used.content[0].input == {"city": "Paris"}
+        result = {"type": "tool_result", "tool_use_id": used.content[0].id, "content": "18C"}
+        history = [
+            *QUESTION,
+            {"role": "assistant", "content": [used.content[0].model_dump()]},
+            {"role": "user", "content": [result]},
+        ]
+
+        def answer(c: anthropic.Anthropic) -> Any:
+            return c.messages.create(model="kimi-k2", max_tokens=64, messages=history, tools=[tool])
+
+        final_answer = await with_anthropic(emu, answer, base_url=base, api_key="sk-kimi")
+        assert final_answer.content[0].text == "Hello from the emulator."
+        r = await raw(
+            emu,
+            "/anthropic/v1/messages",
+            {"model": "nope", "max_tokens": 8, "messages": QUESTION},
+            headers={"x-api-key": "sk-kimi"},
+        )
+        assert r.status == 404
+        assert r.json()["error"] == {"type": "not_found_error", "message": "model: nope"}

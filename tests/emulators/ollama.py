@@ -50,8 +50,22 @@ def message(
     return msg
 
 
+# Models as Ollama Cloud names them (a local Ollama calls them gpt-oss:120b-cloud ...).
+CLOUD_MODELS = ("gpt-oss:120b", "gpt-oss:20b", "qwen3-coder:480b", "deepseek-v3.1:671b")
+
+
 class OllamaEmulator(OllamaModelStore):
     """Generation, embeddings and routing; see tests/emulators/README.md."""
+
+    @classmethod
+    def cloud(
+        cls, api_key: str = "cloud-key", models: Sequence[str] = CLOUD_MODELS, **kw: Any
+    ) -> OllamaEmulator:
+        """Ollama Cloud (ollama.com): the same API, a bearer key on every /api and /v1 route
+        (401 in the route's shape without it), cloud model names, gpt-oss thinking."""
+        emu = cls(models, required_token=api_key, **kw)
+        emu.thinking_models = {m for m in models if m.startswith("gpt-oss")}
+        return emu
 
     def __init__(
         self,

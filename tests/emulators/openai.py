@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from . import openai_protocols as protocols
 from .http import EmulatorBase, Exchange, GenerationOutcome
 from .wire import split_tokens
 
@@ -56,15 +57,21 @@ class OpenAIEmulator(EmulatorBase):
         models: Sequence[str] = ("openai/gpt-4o-mini", "moonshot/kimi-k2"),
         reply: str = "Hello from the emulator.",
         token_delay_s: float = 0.0,
+        serves_responses: bool = False,
+        serves_messages: bool = False,
     ) -> None:
         super().__init__()
         self.api_key = api_key
         self.models = list(models)
         self.reply = reply
         self.token_delay_s = token_delay_s
+        # Protocols besides Chat Completions (openai_protocols.py), off unless switched on:
+        self.serves_responses = serves_responses
+        self.serves_messages = serves_messages
+        self.tool_calls: dict[str, dict[str, Any]] = {}  # tool name -> arguments to call it with
 
     def is_generation_path(self, path: str) -> bool:
-        return path.endswith("/chat/completions")
+        return path.endswith(("/chat/completions", "/responses", "/messages"))
 
     def is_embed_path(self, path: str) -> bool:
         return path.endswith("/embeddings")
@@ -94,6 +101,10 @@ class OpenAIEmulator(EmulatorBase):
         return [("x-request-id", f"req_{secrets.token_hex(16)}")]
 
     async def handle(self, exchange: Exchange) -> None:
+        path, method = exchange.path, exchange.method
+        if self.serves_messages and method == "POST" and path.endswith("/messages"):
+            await protocols.messages(self, exchange)  # Anthropic's own key header and errors
+            return
         auth = exchange.header("authorization") or ""
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             message = (
@@ -110,9 +121,10 @@ class OpenAIEmulator(EmulatorBase):
             body = error_json(message, "invalid_request_error", code="invalid_api_key")
             await self._error(exchange, 401, body)
             return
-        path, method = exchange.path, exchange.method
         if method == "POST" and path.endswith("/chat/completions"):
             await self._completions(exchange)
+        elif self.serves_responses and method == "POST" and path.endswith("/responses"):
+            await self._responses(exchange)
         elif method == "GET" and path.endswith("/models"):
             data = [self._model_object(m) for m in self.models]
             body = json.dumps({"object": "list", "data": data}, indent=2).encode()
@@ -128,6 +140,13 @@ class OpenAIEmulator(EmulatorBase):
             message = f"Invalid URL ({method} {path})"
             await self._error(exchange, 404, error_json(message, "invalid_request_error"))
 
+    async def _responses(self, exchange: Exchange) -> None:
+        req, status, error = self._validate(exchange.request.body, needs="input")
+        if error is not None:
+            await self._error(exchange, status, error)
+            return
+        await protocols.responses(self, exchange, req)
+
     def _model_object(self, model_id: str) -> dict[str, Any]:
         owner = model_id.split("/", 1)[0] if "/" in model_id else "openai"
         return {"id": model_id, "object": "model", "created": 1715367049, "owned_by": owner}
@@ -136,7 +155,9 @@ class OpenAIEmulator(EmulatorBase):
         message = f"The model `{model}` does not exist or you do not have access to it."
         return error_json(message, "invalid_request_error", code="model_not_found")
 
-    def _validate(self, body: bytes) -> tuple[dict[str, Any], int, bytes | None]:
+    def _validate(
+        self, body: bytes, needs: str = "messages"
+    ) -> tuple[dict[str, Any], int, bytes | None]:
         """The request, or the status and error body OpenAI would answer with."""
         try:
             req = json.loads(body)
@@ -149,7 +170,7 @@ class OpenAIEmulator(EmulatorBase):
                 "payload, but what was sent was not valid JSON.)"
             )
             return {}, 400, error_json(message, "invalid_request_error")
-        model, messages = req.get("model"), req.get("messages")
+        model, messages = req.get("model"), req.get(needs)
         if not isinstance(model, str) or not model:
             return (
                 req,
@@ -157,15 +178,15 @@ class OpenAIEmulator(EmulatorBase):
                 error_json("you must provide a model parameter", "invalid_request_error"),
             )
         if messages is None:
-            message = "Missing required parameter: 'messages'."
+            message = f"Missing required parameter: '{needs}'."
             err = error_json(
                 message,
                 "invalid_request_error",
-                param="messages",
+                param=needs,
                 code="missing_required_parameter",
             )
             return req, 400, err
-        if not isinstance(messages, list) or not messages:
+        if needs == "messages" and (not isinstance(messages, list) or not messages):
             message = (
                 "Invalid 'messages': empty array. Expected an array with minimum length 1, "
                 "but got an empty array instead."
