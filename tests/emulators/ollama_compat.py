@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from . import ollama_anthropic as anth
 from . import ollama_openai as oa
+from . import ollama_openai_extra as oax
 from . import ollama_responses as resp
 from .http import Exchange
 
@@ -34,15 +35,15 @@ def compat_routes(emu: OllamaEmulator, path: str) -> dict[str, dict[str, Handler
     """The /v1 routes this emulator's version serves (``path`` for /v1/models/{model})."""
     routes: dict[str, dict[str, Handler]] = {
         "/v1/chat/completions": {"POST": partial(oa.chat_completions, emu)},
-        "/v1/completions": {"POST": partial(oa.completions, emu)},
-        "/v1/embeddings": {"POST": partial(oa.embeddings, emu)},
-        "/v1/models": {"GET": partial(oa.list_models, emu)},
+        "/v1/completions": {"POST": partial(oax.completions, emu)},
+        "/v1/embeddings": {"POST": partial(oax.embeddings, emu)},
+        "/v1/models": {"GET": partial(oax.list_models, emu)},
         "/v1/messages": {"POST": partial(anth.messages, emu)},
         "/v1/responses": {"POST": partial(resp.responses, emu)},
     }
     model = path.removeprefix("/v1/models/")
     if path.startswith("/v1/models/") and model and "/" not in model:
-        routes[path] = {"GET": partial(oa.retrieve_model, emu, model=model)}
+        routes[path] = {"GET": partial(oax.retrieve_model, emu, model=model)}
     have = version_tuple(emu.version)
     return {p: m for p, m in routes.items() if have >= ADDED_IN.get(p, (0,))}
 
