@@ -9,9 +9,11 @@ import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anthropic
+import httpx
 import openai
 import pydantic
 import pytest
@@ -1240,3 +1242,70 @@ async def test_provider_messages_route() -> None:
         )
         assert r.status == 404
         assert r.json()["error"] == {"type": "not_found_error", "message": "model: nope"}
+
+
+# -------------------------------------------- holds, faults and disconnects
+
+
+async def test_hold_and_disconnect_on_compat_routes() -> None:
+    emu = OllamaEmulator()
+    emu.hold = trio.Event()
+    bodies = {
+        "/v1/chat/completions": chat(stream=True),
+        "/v1/messages": {"model": "llama3", "max_tokens": 8, "messages": QUESTION, "stream": True},
+        "/v1/responses": {"model": "llama3", "input": "hi", "stream": True},
+    }
+    with trio.fail_after(10):
+        async with serving(emu), httpx.AsyncClient(base_url=emu.url) as c:
+            for path, body in bodies.items():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(c.post, json=body), path)
+                    # the first native line went out (as its events), then the hold
+                    await emu.wait_until(lambda: emu.active_generations == 1 and emu.emitted)
+                    nursery.cancel_scope.cancel()
+                await emu.wait_until(lambda: emu.active_generations == 0)
+            assert emu.cancelled_generations == 3
+            emu.hold.set()
+            r = await c.post("/v1/messages", json={**bodies["/v1/messages"], "stream": False})
+            assert r.status_code == 200
+            assert emu.completed_generations == 1
+    question = "why is the sky blue?"
+    assert emu.generation_order == [question, question, "hi", question]
+
+
+async def test_die_mid_stream_on_compat_routes() -> None:
+    emu = OllamaEmulator()
+    emu.faults.die_mid_stream_after = 2
+    with trio.fail_after(10):
+        async with serving(emu), httpx.AsyncClient(base_url=emu.url) as c:
+            got: list[str] = []
+
+            async def collect() -> None:
+                async with c.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+                    async for line in r.aiter_lines():
+                        got.extend([line] if line else [])
+
+            with pytest.raises(httpx.RemoteProtocolError):
+                await collect()
+            assert len(got) == 2  # two HTTP chunks, one event each, then the connection died
+            assert all(line.startswith("data: {") for line in got)
+            assert emu.completed_generations == 0
+
+
+async def test_provider_protocols_hold_and_faults() -> None:
+    emu = OpenAIEmulator(serves_messages=True, serves_responses=True)
+    emu.hold = trio.Event()
+    body = {"model": "openai/gpt-4o-mini", "max_tokens": 8, "messages": QUESTION, "stream": True}
+    with trio.fail_after(10):
+        async with serving(emu), httpx.AsyncClient(base_url=emu.url) as c:
+            headers = {"x-api-key": "sk-test"}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(c.post, json=body, headers=headers), "/v1/messages")
+                await emu.wait_until(lambda: emu.active_generations == 1 and emu.emitted)
+                nursery.cancel_scope.cancel()
+            await emu.wait_until(lambda: emu.active_generations == 0)
+            assert emu.cancelled_generations == 1
+            emu.faults.status = 529
+            emu.faults.status_body = b'{"type":"error","error":{"type":"overloaded_error"}}'
+            r = await c.post("/v1/messages", json=body, headers=headers)
+            assert r.status_code == 529
