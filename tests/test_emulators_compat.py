@@ -1309,3 +1309,38 @@ async def test_provider_protocols_hold_and_faults() -> None:
             emu.faults.status_body = b'{"type":"error","error":{"type":"overloaded_error"}}'
             r = await c.post("/v1/messages", json=body, headers=headers)
             assert r.status_code == 529
+
+
+async def test_logprobs_requested_and_returned() -> None:
+    async with serving(OllamaEmulator()) as emu:
+
+        def run(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(
+                model="llama3", messages=QUESTION, logprobs=True, top_logprobs=2
+            )
+
+        answer = await with_openai(emu, run)
+        assert emu.inner_requests[-1]["logprobs"] is True
+        assert emu.inner_requests[-1]["top_logprobs"] == 2
+        logprobs = answer.choices[0].logprobs
+        assert logprobs is not None
+        assert logprobs.content is not None
+        assert [p.token for p in logprobs.content] == split_tokens(REPLY)
+        assert len(logprobs.content[0].top_logprobs) == 2
+        r = await raw(emu, "/v1/chat/completions", chat(stream=True, logprobs=True))
+        chunks = [d for _, d in r.sse() if d != "[DONE]"]
+        tokens = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks[:-1]]
+        assert tokens == split_tokens(REPLY)
+        assert "logprobs" not in chunks[-1]["choices"][0]  # the finish chunk
+        plain = await raw(emu, "/v1/chat/completions", chat())
+        assert "logprobs" not in plain.json()["choices"][0]
+        native = await raw(emu, "/api/chat", {**chat(stream=False), "logprobs": True})
+        assert list(native.json())[:7] == [
+            "model",
+            "created_at",
+            "message",
+            "done",
+            "done_reason",
+            "logprobs",
+            "total_duration",
+        ]

@@ -13,7 +13,7 @@ import trio
 from .http import Exchange
 from .ollama_compat import compat_error, compat_routes, is_compat_path
 from .ollama_models import NDJSON, OllamaModelStore
-from .ollama_script import plan_answer, think_on
+from .ollama_script import plan_answer, think_on, token_logprobs
 from .wire import (
     OllamaModel,
     canonical,
@@ -269,21 +269,30 @@ class OllamaEmulator(OllamaModelStore):
             structured=self.structured_reply,
         )
         done_reason = answer.done_reason
+
         parts: list[dict[str, Any]] = []
         if chat:
             parts += [{"message": message(thinking=t)} for t in answer.thinking]
-            parts += [{"message": message(content=t)} for t in answer.content]
+            parts += [
+                {"message": message(content=t), **token_logprobs(req, t)} for t in answer.content
+            ]
             if answer.tool_calls:
                 parts.append({"message": message(tool_calls=answer.tool_calls)})
         else:
             parts += [{"response": t} for t in answer.content]
 
-        def piece(fields: dict[str, Any]) -> dict[str, Any]:
-            return {**head, "created_at": go_time(), **fields, "done": False}
+        def piece(fields: dict[str, Any], *, done: bool = False) -> dict[str, Any]:
+            fields = dict(fields)
+            probs = fields.pop("logprobs", None)  # after done and done_reason, as Go orders it
+            obj = {**head, "created_at": go_time(), **fields, "done": done}
+            if done:
+                obj["done_reason"] = done_reason
+            if probs:
+                obj["logprobs"] = probs
+            return obj
 
         def final(fields: dict[str, Any], load_s: float, eval_started: float) -> dict[str, Any]:
-            obj = piece(fields)
-            obj.update(done=True, done_reason=done_reason)
+            obj = piece(fields, done=True)
             if not chat:
                 obj["context"] = [1000 + i for i in range(prompt_count + answer.eval_count)]
             now = trio.current_time()
@@ -303,7 +312,10 @@ class OllamaEmulator(OllamaModelStore):
                     content="".join(answer.content),
                     thinking="".join(answer.thinking),
                     tool_calls=answer.tool_calls,
-                )
+                ),
+                "logprobs": [
+                    p for t in answer.content for p in token_logprobs(req, t).get("logprobs", [])
+                ],
             }
             last: dict[str, Any] = {"message": message()}
         else:

@@ -266,6 +266,8 @@ class ChatWriter(OpenAIWriter):
             "choices": [{"index": 0, "message": message, "finish_reason": reason}],
             "usage": usage_of(obj),
         }
+        if obj.get("logprobs"):
+            completion["choices"][0]["logprobs"] = {"content": obj["logprobs"]}
         return go_json(completion) + b"\n"
 
     def _chunk(self, obj: dict[str, Any], delta: dict[str, Any], finish: str | None = None) -> Any:
@@ -306,12 +308,16 @@ class ChatWriter(OpenAIWriter):
             and not msg.get("content")
             and not msg.get("thinking")
             and not msg.get("tool_calls")
+            and not obj.get("logprobs")
         )
         out = b""
         if not empty_trailer:
-            for delta in self._deltas(msg, not self.first_sent):
+            for index, delta in enumerate(self._deltas(msg, not self.first_sent)):
                 self.tool_call_sent = self.tool_call_sent or bool(delta.get("tool_calls"))
-                out += b"data: " + go_json(self._chunk(obj, delta)) + b"\n\n"
+                chunk = self._chunk(obj, delta)
+                if index == 0 and obj.get("logprobs"):  # the split-off content chunk has none
+                    chunk["choices"][0]["logprobs"] = {"content": obj["logprobs"]}
+                out += b"data: " + go_json(chunk) + b"\n\n"
             self.first_sent = True
         if done:
             reason = obj.get("done_reason") or "stop"

@@ -87,6 +87,20 @@ def cut_at_stop(text: str, stops: object) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def token_logprobs(req: dict[str, Any], token: str) -> dict[str, Any]:
+    """``{"logprobs": [api.Logprob]}`` for one token when the request asks, else ``{}``."""
+    if req.get("logprobs") is not True:
+        return {}
+    raw = list(token.encode())
+    entry: dict[str, Any] = {"token": token, "logprob": -0.25, "bytes": raw}
+    top = req.get("top_logprobs")
+    if type(top) is int and top > 0:
+        alternatives = [{"token": token, "logprob": -0.25, "bytes": raw}]
+        alternatives += [{"token": "x", "logprob": -4.0, "bytes": [120]}] * (top - 1)
+        entry["top_logprobs"] = alternatives
+    return {"logprobs": [entry]}
+
+
 def plan_answer(
     req: dict[str, Any],
     *,
