@@ -1344,3 +1344,62 @@ async def test_logprobs_requested_and_returned() -> None:
             "logprobs",
             "total_duration",
         ]
+
+
+async def test_provider_chat_completions_tools_and_structured_output() -> None:
+    emu = OpenAIEmulator(api_key="sk-or")
+    emu.tool_calls = {"get_weather": {"city": "Paris"}}
+    async with serving(emu):
+        base, model = emu.url + "/api/v1", "openai/gpt-4o-mini"
+
+        def first(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(model=model, messages=QUESTION, tools=[WEATHER_TOOL])
+
+        answer = await with_openai(emu, first, base_url=base, api_key="sk-or")
+        (choice,) = answer.choices
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "Paris"}
+        history = [
+            *QUESTION,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "18C"},
+        ]
+
+        def second(c: openai.OpenAI) -> Any:
+            return c.chat.completions.create(model=model, messages=history, tools=[WEATHER_TOOL])
+
+        final = await with_openai(emu, second, base_url=base, api_key="sk-or")
+        assert final.choices[0].message.content == "Hello from the emulator."
+
+        def streamed(c: openai.OpenAI) -> list[Any]:
+            return list(
+                c.chat.completions.create(
+                    model=model, messages=QUESTION, tools=[WEATHER_TOOL], stream=True
+                )
+            )
+
+        chunks = await with_openai(emu, streamed, base_url=base, api_key="sk-or")
+        opening = chunks[0].choices[0].delta.tool_calls[0]
+        assert opening.id.startswith("call_")
+        assert opening.function.name == "get_weather"
+        arguments = "".join(
+            tc.function.arguments or ""
+            for ch in chunks
+            for tc in ch.choices[0].delta.tool_calls or []
+        )
+        assert json.loads(arguments) == {"city": "Paris"}
+        assert len(chunks) > 3  # the arguments arrive in pieces, as OpenAI streams them
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        def parse(c: openai.OpenAI) -> Any:
+            return c.chat.completions.parse(model=model, messages=QUESTION, response_format=Weather)
+
+        parsed = await with_openai(emu, parse, base_url=base, api_key="sk-or")
+        assert parsed.choices[0].message.parsed == Weather(
+            city="Hello from the emulator.",
+            temperature_c=1,
+            sunny=True,
+            tags=["Hello from the emulator."],
+        )

@@ -16,6 +16,7 @@ import trio
 
 from . import openai_protocols as protocols
 from .http import EmulatorBase, Exchange, GenerationOutcome
+from .ollama_script import schema_instance
 from .wire import split_tokens
 
 JSON = "application/json"
@@ -211,16 +212,24 @@ class OpenAIEmulator(EmulatorBase):
         prompt_tokens = max(1, sum(len(message_text(m.get("content")).split()) for m in messages))
         text = self.reply
         response_format = req.get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type") in (
-            "json_object",
-            "json_schema",
-        ):
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        schema = (response_format or {}).get("json_schema") if kind == "json_schema" else None
+        if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+            text = json.dumps(schema_instance(schema["schema"], self.reply))
+        elif kind in ("json_object", "json_schema"):
             text = json.dumps({"answer": self.reply})
         tokens = split_tokens(text)
         finish_reason = "stop"
         limit = req.get("max_completion_tokens", req.get("max_tokens"))
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(tokens):
             tokens, finish_reason = tokens[:limit], "length"
+        call = self._tool_call(req, messages)
+        if call is not None:
+            arguments = call["function"]["arguments"]
+            tokens, finish_reason = (
+                [arguments[i : i + 8] for i in range(0, len(arguments), 8)],
+                "tool_calls",
+            )
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(tokens),
@@ -245,14 +254,18 @@ class OpenAIEmulator(EmulatorBase):
                     finish_reason,
                     usage if include_usage else None,
                     zero,
+                    call,
                 )
             else:
                 await self.wait_hold(self.hold)
                 if self.token_delay_s > 0:
                     await trio.sleep(self.token_delay_s * len(tokens))
+                message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
+                if call is not None:
+                    message.update(content=None, tool_calls=[call])
                 choice = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -267,6 +280,23 @@ class OpenAIEmulator(EmulatorBase):
                     200, json.dumps(body, indent=2).encode(), content_type=JSON, headers=self._ids()
                 )
 
+    def _tool_call(
+        self, req: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """A call to the first scripted tool the request offers, unless a tool just answered."""
+        offered = [
+            t["function"].get("name")
+            for t in req.get("tools") or []
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        ]
+        name = next((n for n in offered if n in self.tool_calls), None)
+        if name is None or (messages and messages[-1].get("role") == "tool"):
+            return None
+        arguments = json.dumps(self.tool_calls[name])
+        call_id = "call_" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y")[:24]
+        function = {"name": name, "arguments": arguments}
+        return {"id": call_id, "type": "function", "function": function}
+
     async def _stream(
         self,
         outcome: GenerationOutcome,
@@ -276,6 +306,7 @@ class OpenAIEmulator(EmulatorBase):
         finish_reason: str,
         usage: dict[str, int] | None,
         zero: bool,
+        call: dict[str, Any] | None = None,
     ) -> None:
         await exchange.start_stream(
             200, content_type=SSE, headers=self._ids(), faulty=self.fault_applies(exchange.path)
@@ -306,14 +337,22 @@ class OpenAIEmulator(EmulatorBase):
         if zero:
             await emit(encode({**base, "choices": [], **({"usage": usage} if usage else {})}))
         else:
-            first = {"role": "assistant", "content": ""}
+            first: dict[str, Any] = {"role": "assistant", "content": ""}
+            if call is not None:  # OpenAI: the call's id and name first, then its arguments
+                function = {"name": call["function"]["name"], "arguments": ""}
+                opening = {"index": 0, "id": call["id"], "type": "function", "function": function}
+                first = {"role": "assistant", "content": None, "tool_calls": [opening]}
             overlong = self.overlong_bytes(exchange)
             if overlong is not None:
                 pad = overlong - len(f"data: {encode(chunk(first))}".encode())
                 first = {"role": "assistant", "content": "x" * max(pad, 0)}
             await emit(encode(chunk(first)))
             for index, token in enumerate(tokens):
-                await emit(encode(chunk({"content": token})))
+                if call is not None:
+                    piece = {"index": 0, "function": {"arguments": token}}
+                    await emit(encode(chunk({"tool_calls": [piece]})))
+                else:
+                    await emit(encode(chunk({"content": token})))
                 if index == 0:
                     await self.wait_hold(self.hold)
             if not tokens:
