@@ -1403,3 +1403,24 @@ async def test_provider_chat_completions_tools_and_structured_output() -> None:
             sunny=True,
             tags=["Hello from the emulator."],
         )
+
+
+async def test_field_types_are_checked_as_go_binds_them() -> None:
+    async with serving(OllamaEmulator()) as emu:
+        r = await raw(emu, "/v1/chat/completions", chat(stream="yes"))
+        assert r.status == 400
+        assert r.json()["error"]["message"] == (
+            "json: cannot unmarshal string into Go struct field ChatCompletionRequest.stream "
+            "of type bool"
+        )
+        body = {"model": "llama3", "max_tokens": True, "messages": QUESTION}
+        r = await raw(emu, "/v1/messages", body)
+        prefix = "json: cannot unmarshal"
+        field = "into Go struct field MessagesRequest.max_tokens of type int"
+        assert r.json()["error"]["message"] == f"{prefix} bool {field}"
+        r = await raw(emu, "/v1/messages", {**body, "max_tokens": 8.5})
+        assert r.json()["error"]["message"] == f"{prefix} number 8.5 {field}"
+        r = await raw(emu, "/v1/chat/completions", content=b"[1]")
+        assert r.json()["error"]["message"] == (
+            "json: cannot unmarshal array into Go value of type openai.ChatCompletionRequest"
+        )

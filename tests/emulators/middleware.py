@@ -50,12 +50,10 @@ def field_error(req: dict[str, Any], type_name: str, fields: dict[str, type]) ->
     go_names = {str: "string", bool: "bool", list: "array", dict: "object", int: "int"}
     for name, kind in fields.items():
         value = req.get(name)
-        if value is None or (isinstance(value, kind) and not (kind is int and value is True)):
-            continue
-        if kind is int and isinstance(value, float) and value.is_integer():
+        if value is None or (isinstance(value, kind) and not (kind is int and type(value) is bool)):
             continue
         got = {list: "array", dict: "object", str: "string", bool: "bool"}.get(
-            type(value), "number"
+            type(value), f"number {value}" if isinstance(value, float) else "number"
         )
         return (
             f"json: cannot unmarshal {got} into Go struct field {type_name}.{name} "
