@@ -1424,3 +1424,14 @@ async def test_field_types_are_checked_as_go_binds_them() -> None:
         assert r.json()["error"]["message"] == (
             "json: cannot unmarshal array into Go value of type openai.ChatCompletionRequest"
         )
+
+
+async def test_json_is_written_as_go_writes_it() -> None:
+    emu = OllamaEmulator(reply="a<b & c>d")
+    async with serving(emu):
+        r = await raw(emu, "/v1/chat/completions", chat())
+        assert b'"content":"a\\u003cb \\u0026 c\\u003ed"' in r.body  # HTML-safe escapes
+        assert r.json()["choices"][0]["message"]["content"] == "a<b & c>d"
+        body = {"model": "llama3", "max_tokens": 8, "messages": QUESTION, "stream": True}
+        r = await raw(emu, "/v1/messages", body)
+        assert b'"text":"a\\u003cb"' in r.body
