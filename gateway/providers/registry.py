@@ -106,6 +106,9 @@ class Registry:
             raise self._unregistered(provider, name)
         return api
 
+    def find_client_api(self, provider: str) -> ClientAPI | None:
+        return self._client_apis.get(provider)
+
     def client_apis(self) -> list[ClientAPI]:
         return [self._client_apis[name] for name in ORDER if name in self._client_apis]
 

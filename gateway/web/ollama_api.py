@@ -26,7 +26,8 @@ from gateway.errors import (
     RouteMissing,
     UpstreamError,
 )
-from gateway.providers.protocols import Protocol, UsageTally
+from gateway.providers.client_api import OLLAMA_CLOUD, ClientAPI
+from gateway.providers.protocols import Protocol, UsageTally, strip_cloud_tag, with_model
 from gateway.providers.sse import SseWatch
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
@@ -45,6 +46,7 @@ from gateway.web.asgi import (
     run_tracked,
 )
 from gateway.web.bodies import decode_body
+from gateway.web.cloud_relay import relay_cloud
 
 
 class Kind(enum.Enum):
@@ -101,6 +103,7 @@ _DROPPED = frozenset(
 )
 
 _routing = msgspec.json.Decoder(Routing)
+_CLOUD_PREFIX = OLLAMA_CLOUD + "/"
 _KEEP_BYTES = 1024 * 1024
 
 
@@ -165,6 +168,19 @@ class OllamaProxy:
             self._s, method, upstream_path, body or None, content_type, responder, record
         )
 
+        if route.kind in (Kind.GENERATE, Kind.SHOW):
+            cloud = self._cloud_model(body)
+            if cloud is not None:
+                api, model = cloud
+                record.provider, record.model = api.name, model
+                cloud_body = with_model(body, model)
+
+                async def to_cloud() -> None:
+                    await relay_cloud(api, path, cloud_body, responder, record)
+
+                await self._run(scope, receive, responder, to_cloud)
+                return
+
         match route.kind:
             case Kind.GENERATE:
                 model = await self._known_model(body, record)
@@ -191,6 +207,21 @@ class OllamaProxy:
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.INFO:
                 await self._run(scope, receive, responder, forward.plain)
+
+    def _cloud_model(self, body: bytes) -> tuple[ClientAPI, str] | None:
+        """Ollama Cloud and the model's base name, for `ollama_cloud/<m>` or a cloud-tagged
+        name when that provider is registered; else None (the local host answers, and an
+        Ollama signed in to ollama.com proxies cloud models itself)."""
+        name = parse_routing(body).model_name
+        lowered = name.lower()
+        if lowered.startswith(_CLOUD_PREFIX):
+            name = name[len(_CLOUD_PREFIX) :]
+        elif not strip_cloud_tag(name):
+            return None
+        api = self._s.registry.find_client_api(OLLAMA_CLOUD)
+        if api is None or not name.strip():
+            return None
+        return api, api.upstream_model(name)
 
     async def _known_model(self, body: bytes, record: RequestRecord) -> str:
         """The request's model, checked against the inventory (Ollama's 404 if unknown)."""
@@ -298,8 +329,13 @@ class _Forward:
             # HEAD has no body but keeps the length a GET would have.
             data = await upstream.read()
             self._record.upstream_s = trio.current_time() - self._sent
-            if upstream.status == 404 and self._protocol is not None:
-                self._check_route(upstream, data)
+            if upstream.status >= 400 and self._protocol is not None:
+                if upstream.status == 404:
+                    self._check_route(upstream, data)
+                # An error a client-API SDK shows its user: never with the target's token.
+                scrubbed = self._s.target.scrub(data.decode("utf-8", "surrogateescape"))
+                data = scrubbed.encode("utf-8", "surrogateescape")
+                length = b"%d" % len(data)
             if self._record.model and upstream.status == 200:
                 self._note_whole(data)
             headers.append((b"content-length", b"%d" % len(data) if data else length))
