@@ -341,3 +341,36 @@ async def test_native_routes_reach_ollama_cloud_for_cloud_models(
     assert response.content == emitted(cloud, path)
     assert ollama.requests_to(path) == []
     assert gw.services.gate.figures().granted_total == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "ending"),
+    [
+        ("/v1/chat/completions", b"data: [DONE]\n\n"),
+        ("/v1/completions", b"data: [DONE]\n\n"),
+        ("/v1/responses", None),
+        ("/v1/messages", None),
+    ],
+)
+async def test_a_stream_cut_mid_answer_ends_with_the_protocols_error(
+    start_gateway: StartGateway, ollama: OllamaEmulator, path: str, ending: bytes | None
+) -> None:
+    """After the first byte: what the target sent, then the protocol's in-band error."""
+    gw = await start_gateway(make_config(ollama.url, providers=providers()))
+    ollama.faults.die_mid_stream_after = 2
+    with trio.fail_after(5):
+        response = await gw.client.post(path, json=body_for(path, "llama3", stream=True))
+    assert response.status_code == 200
+    sent = emitted(ollama, path)
+    assert response.content.startswith(sent)
+    tail = response.content[len(sent) :]
+    if ending is not None:
+        assert tail.endswith(ending)
+        error = json.loads(tail.split(b"\n\n")[-3].removeprefix(b"data: "))["error"]
+        assert "Ollama target" in error["message"]
+    else:
+        assert tail.lstrip(b"\n").startswith(b"event: error\ndata: ")
+        data = json.loads(tail.split(b"data: ", 1)[1])
+        message = data["error"]["message"] if path == "/v1/messages" else data["message"]
+        assert "Ollama target" in message
+    await eventually(lambda: gw.services.gate.busy == 0)

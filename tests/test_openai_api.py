@@ -383,5 +383,3 @@ async def test_client_leaving_mid_stream_frees_the_gate(
 
 
 # ------------------------------------------------------------- models, embeddings
-
-
