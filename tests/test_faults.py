@@ -628,7 +628,13 @@ async def test_sse_client_that_stops_reading_is_dropped(
     cloud = OllamaEmulator(models=(CLOUD_MODEL, "kimi-k2"), required_token=CLOUD_KEY)
     await nursery.start(cloud.run)
     up = Upstreams(ollama, openrouter, cloud)
-    gw = await start_routed(start_gateway, up, write_timeout_s=0.5)
+    gw = await start_routed(
+        start_gateway,
+        up,
+        write_timeout_s=0.5,
+        # The emulator converts a 16 MB answer on its compatibility route: give it time.
+        ollama={"first_byte_timeout_s": 5.0, "idle_timeout_s": 5.0},
+    )
     baseline = gateway_tasks()
     upstream = up.of(route)
     host, port = gw.url.removeprefix("http://").rsplit(":", 1)

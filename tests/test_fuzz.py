@@ -109,7 +109,7 @@ class TolerantOllama(OllamaEmulator):
     async def handle(self, exchange: Exchange) -> None:
         try:
             await super().handle(exchange)
-        except (TypeError, AttributeError, ValueError) as exc:
+        except (TypeError, AttributeError, ValueError, RecursionError) as exc:
             self.indigestible += 1
             await self._error(exchange, 400, f"json: cannot unmarshal request: {exc}")
 
