@@ -70,6 +70,12 @@ class ProviderConfig(_Section, frozen=True):
     protocols: tuple[ProtocolName, ...] = ()
 
 
+class OllamaCloudConfig(ProviderConfig, frozen=True):
+    # List the cloud models the key can use in /api/tags, named `<m>:<tag>-cloud`, so
+    # that Ollama-only UIs can pick them (ADR 0018).
+    list_in_tags: bool = False
+
+
 def _provider(
     base_url: str, key_env: str, name: str, protocols: tuple[ProtocolName, ...]
 ) -> ProviderConfig:
@@ -82,12 +88,12 @@ def _provider(
 
 
 class ProvidersConfig(_Section, frozen=True):
-    ollama_cloud: ProviderConfig = msgspec.field(
-        default_factory=lambda: _provider(
-            "https://ollama.com",
-            "OLLAMA_CLOUD_KEY",
-            "ollama_cloud",
-            ("chat_completions", "completions", "responses", "messages", "embeddings"),
+    ollama_cloud: OllamaCloudConfig = msgspec.field(
+        default_factory=lambda: OllamaCloudConfig(
+            base_url="https://ollama.com",
+            key_env="OLLAMA_CLOUD_KEY",
+            env_file="/etc/gateway/ollama_cloud.env",
+            protocols=("chat_completions", "completions", "responses", "messages", "embeddings"),
         )
     )
     openrouter: ProviderConfig = msgspec.field(

@@ -374,3 +374,34 @@ async def test_a_stream_cut_mid_answer_ends_with_the_protocols_error(
         message = data["error"]["message"] if path == "/v1/messages" else data["message"]
         assert "Ollama target" in message
     await eventually(lambda: gw.services.gate.busy == 0)
+
+
+async def test_list_in_tags_adds_the_clouds_models_named_to_route_there(
+    start_gateway: StartGateway, ollama: OllamaEmulator, nursery: trio.Nursery
+) -> None:
+    """Off by default (the target's bytes); on, the cloud's models follow the local ones
+    as `<m>:<tag>-cloud`, and a name picked from the list reaches Ollama Cloud."""
+    cloud = OllamaEmulator.cloud(api_key=CLOUD_KEY)
+    await nursery.start(cloud.run)
+    environ = {"OLLAMA_CLOUD_KEY": CLOUD_KEY}
+    plain = await start_gateway(
+        make_config(ollama.url, providers=providers(ollama_cloud=cloud.url)), environ=environ
+    )
+    with trio.fail_after(5):
+        response = await plain.client.get("/api/tags")
+    assert response.content == emitted(ollama, "/api/tags")
+    tables = providers(ollama_cloud=cloud.url)
+    tables["ollama_cloud"]["list_in_tags"] = True
+    gw = await start_gateway(make_config(ollama.url, providers=tables), environ=environ)
+    with trio.fail_after(5):
+        response = await gw.client.get("/api/tags")
+    local = json.loads(emitted(ollama, "/api/tags"))["models"]
+    names = [m["name"] for m in response.json()["models"]]
+    assert names == [m["name"] for m in local] + [f"{m}-cloud" for m in cloud.models]
+    picked = names[-1]
+    with trio.fail_after(5):
+        chat = await gw.client.post(
+            "/api/chat", json={"model": picked, "messages": USER, "stream": False}
+        )
+    assert chat.status_code == 200
+    assert json.loads(cloud.requests_to("/api/chat")[-1].body)["model"] == cloud.models[-1]

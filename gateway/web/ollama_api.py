@@ -47,6 +47,7 @@ from gateway.web.asgi import (
 )
 from gateway.web.bodies import decode_body
 from gateway.web.cloud_relay import relay_cloud
+from gateway.web.cloud_tags import CloudTags, merged
 
 
 class Kind(enum.Enum):
@@ -133,6 +134,9 @@ class OllamaProxy:
     def __init__(self, services: Services) -> None:
         self._s = services
         self._max_body = services.config.max_body_bytes
+        cloud = services.registry.find_client_api(OLLAMA_CLOUD)
+        listed = services.config.providers.ollama_cloud.list_in_tags
+        self._cloud_tags = CloudTags(cloud) if cloud is not None and listed else None
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -193,7 +197,10 @@ class OllamaProxy:
                 parse_routing(body)
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.LISTING:
-                await self._run(scope, receive, responder, forward.listing(path))
+                work = forward.listing(path)
+                if path == "/api/tags" and self._cloud_tags is not None:
+                    work = forward.with_cloud_tags(self._cloud_tags)
+                await self._run(scope, receive, responder, work)
             case Kind.MANAGE:
                 if not self._s.config.ollama.allow_management:
                     raise Forbidden(
@@ -320,6 +327,39 @@ class _Forward:
             )
 
         return run
+
+    def with_cloud_tags(self, cloud: CloudTags) -> Callable[[], Awaitable[None]]:
+        """`/api/tags` with Ollama Cloud's models after the local ones (`list_in_tags`)."""
+
+        async def run() -> None:
+            inventory = self._s.inventory
+            local = inventory.snapshot.tags_body
+            if not inventory.degraded:
+                try:
+                    async with self._s.target.raw("GET", "/api/tags") as upstream:
+                        data = await upstream.read()
+                        if upstream.status != 200:
+                            await self._relay_read(upstream, data)
+                            return
+                        local = data
+                except UpstreamError as exc:
+                    error = inventory.note_failure(exc)
+                    if not inventory.degraded:
+                        raise error from exc
+            body = merged(local, await cloud.entries())
+            await self.responder.full(
+                200,
+                body if self._method == "GET" else b"",
+                [(b"content-type", b"application/json; charset=utf-8")],
+            )
+
+        return run
+
+    async def _relay_read(self, upstream: RawResponse, data: bytes) -> None:
+        headers = _forwarded_headers(upstream)
+        headers.append((b"content-length", b"%d" % len(data)))
+        await self.responder.start(upstream.status, headers)
+        await self.responder.end(data)
 
     async def _relay(self, upstream: RawResponse) -> None:
         headers = _forwarded_headers(upstream)
