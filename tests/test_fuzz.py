@@ -111,7 +111,13 @@ class TolerantOllama(OllamaEmulator):
             await super().handle(exchange)
         except (TypeError, AttributeError, ValueError, RecursionError) as exc:
             self.indigestible += 1
-            await self._error(exchange, 400, f"json: cannot unmarshal request: {exc}")
+            message = f"json: cannot unmarshal request: {exc}"
+            if exchange.path.startswith("/v1/"):  # Ollama's compatibility routes: OpenAI's shape
+                error = {"message": message, "type": "invalid_request_error", "param": None}
+                body = json.dumps({"error": {**error, "code": None}}).encode()
+                await exchange.respond(400, body, content_type="application/json")
+                return
+            await self._error(exchange, 400, message)
 
 
 @dataclass
