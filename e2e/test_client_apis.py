@@ -79,25 +79,33 @@ async def test_messages(gateway: Gateway) -> None:
     message = await in_thread(call)
     assert message.type == "message"
     assert message.role == "assistant"
-    text = "".join(block.text for block in message.content if block.type == "text")
-    assert text.strip()
+    # SmolLM2 may answer with whitespace only: shape and counts, never the text itself.
+    assert all(block.type == "text" for block in message.content)
     assert 0 < message.usage.output_tokens <= CAP
     assert message.stop_reason in ("end_turn", "max_tokens")
 
 
 async def test_messages_stream(gateway: Gateway) -> None:
-    def call() -> tuple[str, Any]:
-        with (
-            _anthropic(gateway) as client,
-            client.messages.stream(
-                model=ROUTER_MODEL,
-                max_tokens=CAP,
-                messages=[{"role": "user", "content": "Say hello."}],
-            ) as events,
-        ):
-            text = "".join(events.text_stream)
-            return text, events.get_final_message()
+    """The SDK's raw event stream, llama-server's own events. (llama-server b11434 leaves
+    out `message_start` when the first token is an emoji, straight from it too: seen
+    direct, so the first event is not asserted.)"""
 
-    text, final = await in_thread(call)
-    assert text.strip()
-    assert final.usage.output_tokens > 0
+    def call() -> list[Any]:
+        with _anthropic(gateway) as client:
+            return list(
+                client.messages.create(
+                    model=ROUTER_MODEL,
+                    max_tokens=CAP,
+                    messages=[{"role": "user", "content": "Say hello."}],
+                    stream=True,
+                )
+            )
+
+    events = await in_thread(call)
+    kinds = [event.type for event in events]
+    assert kinds[0] in ("message_start", "content_block_start")
+    assert kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    final = next(event for event in events if event.type == "message_delta")
+    assert 0 < final.usage.output_tokens <= CAP
+    assert final.delta.stop_reason in ("end_turn", "max_tokens")
