@@ -109,6 +109,11 @@ TARGETS = {
 # --------------------------------------------------------------------------- helpers
 
 
+def _same(payload: bytes) -> Callable[[Target], bytes]:
+    """One body for both targets."""
+    return lambda _target: payload
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return math.nan
@@ -557,18 +562,37 @@ class Bench:
             levels[str(c)] = asyncio.run(run_level(c))
         self.results["embed"] = {"block_s": p.embed_block_s, "rounds": p.embed_rounds, **levels}
 
+    def client_apis(self) -> None:
+        """Issue 12's routes, non-streaming at c=1: the same body to the upstream's
+        `/v1/chat/completions` and `/v1/messages` and through the gateway (passthrough)."""
+        for name, path, extra in (
+            ("chat_completions_c1", "/v1/chat/completions", {}),
+            ("messages_c1", "/v1/messages", {"max_tokens": 64}),
+        ):
+            payload = body({"model": CHAT_MODEL, "messages": PROMPT, **extra})
+            out, meter, errors = self.interleaved(_same(payload), self.p.openai_pairs, path)
+            d = [r.elapsed for r in out["direct"]]
+            g = [r.elapsed for r in out["gateway"]]
+            self.results[name] = {
+                "path": path,
+                "requests_each": self.p.openai_pairs,
+                "direct_ms": summary_ms(d),
+                "gateway_ms": summary_ms(g),
+                "added_p50_ms": round((pct(g, 50) - pct(d, 50)) * 1000, 4),
+                "gateway_cpu_per_request_ms": round(
+                    meter.gateway_s / max(1, len(out["gateway"])) * 1000, 4
+                ),
+                "errors": errors,
+                "cpu": meter.as_dict(),
+            }
+
     def openai(self) -> None:
         p = self.p
         lines = p.openai_lines
-        direct_payload = self._stream_payload(lines)
         front = body({"model": CHAT_MODEL, "messages": PROMPT, "stream": True, "max_tokens": lines})
-
-        def payload(t: Target) -> bytes:
-            return direct_payload if t.name == "direct" else front
-
         conns = {t.name: BlockingConnection(HOST, t.port) for t in (self.direct, self.gateway)}
         raws = {
-            "direct": self.direct.request("POST", "/api/chat", direct_payload),
+            "direct": self.direct.request("POST", "/v1/chat/completions", front),
             "gateway": self.gateway.request("POST", "/v1/chat/completions", front),
         }
         first: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -583,10 +607,9 @@ class Bench:
                         except (OSError, ProtocolError):
                             errors += 1
                             continue
-                        at = r.first_line_at() if name == "direct" else r.first_event_at()
+                        at = r.first_event_at()
                         ok = r.status == 200 and at is not None
-                        if name == "gateway":
-                            ok = ok and r.body.rstrip().endswith(b"data: [DONE]")
+                        ok = ok and r.body.rstrip().endswith(b"data: [DONE]")
                         if not ok:
                             errors += 1
                             continue
@@ -599,7 +622,7 @@ class Bench:
         self.results["openai_stream"] = {
             "streams_each": p.openai_pairs,
             "lines": lines,
-            "direct_is": "/api/chat stream straight to the upstream: time to first NDJSON line",
+            "direct_is": "the same stream straight from the upstream's /v1/chat/completions",
             "first_event_direct_ms": summary_ms(first["direct"]),
             "first_event_gateway_ms": summary_ms(first["gateway"]),
             "added_p50_ms": round((pct(first["gateway"], 50) - pct(first["direct"], 50)) * 1000, 4),
@@ -935,6 +958,24 @@ def table_rows(r: dict[str, Any]) -> list[dict[str, str]]:
             "0",
             c["errors"] == 0,
         )
+    for key in ("chat_completions_c1", "messages_c1"):
+        if key in r:
+            c = r[key]
+            d, g = c["direct_ms"], c["gateway_ms"]
+            row(
+                f"{c['path']}, non-stream, c=1: p50 latency (ms)",
+                f"{d['p50']:.3f}",
+                f"{g['p50']:.3f}",
+                f"+{c['added_p50_ms']:.3f} ms ({x(d['p50'], g['p50'])})",
+            )
+            row(
+                f"gateway CPU per {c['path']} request (ms)",
+                "",
+                f"{c['gateway_cpu_per_request_ms']:.3f}",
+                "",
+                "<= 1 ms",
+                c["gateway_cpu_per_request_ms"] <= TARGETS["cpu_per_request_ms"],
+            )
     if "openai_stream" in r:
         o = r["openai_stream"]
         fd, fg = o["first_event_direct_ms"]["p50"], o["first_event_gateway_ms"]["p50"]
@@ -1220,6 +1261,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 ("streams", bench.streams),
                 ("trio relay floor", bench.floor),
                 ("embed c=1/8/32", bench.embed),
+                ("/v1/chat/completions and /v1/messages, c=1", bench.client_apis),
                 ("/v1/chat/completions streams", bench.openai),
                 (f"{params.clients} concurrent clients", bench.clients),
             ]

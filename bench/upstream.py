@@ -205,6 +205,89 @@ class Answers:
             }
         )
 
+        # Ollama's compatibility routes (issue 12), answered as fixed bytes.
+        text = "The sky is blue because of Rayleigh scattering."
+        self.oai_chat = _full(
+            b"200 OK",
+            _encode(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1735689600,
+                    "model": CHAT_MODEL,
+                    "system_fingerprint": "fp_ollama",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 26, "completion_tokens": 42, "total_tokens": 68},
+                }
+            ),
+        )
+        self.messages = _full(
+            b"200 OK",
+            _encode(
+                {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": CHAT_MODEL,
+                    "content": [{"type": "text", "text": text}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 26, "output_tokens": 42},
+                }
+            ),
+        )
+        self.sse_head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            + DATE
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1735689600,
+            "model": CHAT_MODEL,
+            "system_fingerprint": "fp_ollama",
+            "choices": [{"index": 0, "delta": {"content": " token"}, "finish_reason": None}],
+        }
+        self.oai_event = _chunk(b"data: " + _encode(chunk) + b"\n\n")
+        last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        self.oai_end = _chunk(b"data: " + _encode(last) + b"\n\ndata: [DONE]\n\n")
+        self.msg_start = _chunk(
+            b"event: message_start\ndata: "
+            + _encode(
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": "msg_1",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": CHAT_MODEL,
+                        "content": [],
+                        "stop_reason": None,
+                        "usage": {"input_tokens": 26, "output_tokens": 0},
+                    },
+                }
+            )
+            + b"\n\n"
+        )
+        delta = {"type": "content_block_delta", "index": 0}
+        self.msg_event = _chunk(
+            b"event: content_block_delta\ndata: "
+            + _encode({**delta, "delta": {"type": "text_delta", "text": " token"}})
+            + b"\n\n"
+        )
+        self.msg_end = _chunk(
+            b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+            b'"end_turn"},"usage":{"output_tokens":42}}\n\n'
+            b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+        )
+
     @staticmethod
     def _template(obj: dict[str, Any]) -> tuple[bytes, bytes]:
         text = _encode(obj)
@@ -213,6 +296,10 @@ class Answers:
         suffix = b'"}\n'
         size = len(prefix) + 19 + len(suffix)
         return b"%x\r\n" % size + prefix, suffix + b"\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
 def _line(template: tuple[bytes, bytes]) -> bytes:
@@ -311,6 +398,27 @@ class UpstreamProtocol(asyncio.Protocol):
             self.busy = True
             start = self.loop.time()
             self._paced(line, final, 0, lines, start, pace_us / 1e6)
+        elif path == b"/v1/chat/completions" or path == b"/v1/messages":
+            try:
+                request = _decode(body)
+                stream = request.get("stream") is True
+                lines = max(1, int(request.get("max_tokens") or DEFAULT_LINES))
+            except (ValueError, TypeError, AttributeError):
+                write(a.bad_request)
+                return
+            chat = path == b"/v1/chat/completions"
+            if not stream:
+                write(a.oai_chat if chat else a.messages)
+                return
+            event = a.oai_event if chat else a.msg_event
+            write(
+                a.sse_head
+                + (b"" if chat else a.msg_start)
+                + event * (lines - 1)
+                + (a.oai_end if chat else a.msg_end)
+                + b"0\r\n\r\n"
+            )
+            Stats.lines += lines
         elif path == b"/api/embed":
             write(a.embed)
         elif path == b"/api/embeddings":

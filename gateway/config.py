@@ -69,33 +69,68 @@ class GateConfig(_Section, frozen=True):
     fair_window_s: Seconds = 120.0
 
 
+ProtocolName = Literal["chat_completions", "completions", "responses", "messages", "embeddings"]
+
+
 class ProviderConfig(_Section, frozen=True):
     base_url: str
     key_env: str
     env_file: str = ""
     timeout_s: Seconds = 180.0
+    # The client APIs this provider serves (ADR 0018); a request in another is a 400
+    # naming the provider and the protocol, never a conversion.
+    protocols: tuple[ProtocolName, ...] = ()
 
 
-def _provider(base_url: str, key_env: str, name: str) -> ProviderConfig:
-    return ProviderConfig(base_url=base_url, key_env=key_env, env_file=f"/etc/gateway/{name}.env")
+class OllamaCloudConfig(ProviderConfig, frozen=True):
+    # List the cloud models the key can use in /api/tags, named `<m>:<tag>-cloud`, so
+    # that Ollama-only UIs can pick them (ADR 0018).
+    list_in_tags: bool = False
+
+
+def _provider(
+    base_url: str, key_env: str, name: str, protocols: tuple[ProtocolName, ...]
+) -> ProviderConfig:
+    return ProviderConfig(
+        base_url=base_url,
+        key_env=key_env,
+        env_file=f"/etc/gateway/{name}.env",
+        protocols=protocols,
+    )
 
 
 class ProvidersConfig(_Section, frozen=True):
-    ollama_cloud: ProviderConfig = msgspec.field(
-        default_factory=lambda: _provider("https://ollama.com", "OLLAMA_CLOUD_KEY", "ollama_cloud")
+    ollama_cloud: OllamaCloudConfig = msgspec.field(
+        default_factory=lambda: OllamaCloudConfig(
+            base_url="https://ollama.com",
+            key_env="OLLAMA_CLOUD_KEY",
+            env_file="/etc/gateway/ollama_cloud.env",
+            protocols=("chat_completions", "completions", "responses", "messages", "embeddings"),
+        )
     )
     openrouter: ProviderConfig = msgspec.field(
         default_factory=lambda: _provider(
-            "https://openrouter.ai/api/v1", "OPENROUTER_API_KEY", "openrouter"
+            "https://openrouter.ai/api/v1",
+            "OPENROUTER_API_KEY",
+            "openrouter",
+            ("chat_completions", "completions", "responses", "messages"),
         )
     )
     opencode: ProviderConfig = msgspec.field(
         default_factory=lambda: _provider(
-            "https://opencode.ai/zen/v1", "OPENCODE_API_KEY", "opencode"
+            "https://opencode.ai/zen/v1",
+            "OPENCODE_API_KEY",
+            "opencode",
+            ("chat_completions", "responses", "messages"),
         )
     )
     kimi: ProviderConfig = msgspec.field(
-        default_factory=lambda: _provider("https://api.kimi.com/coding/v1", "KIMI_API_KEY", "kimi")
+        default_factory=lambda: _provider(
+            "https://api.kimi.com/coding/v1",
+            "KIMI_API_KEY",
+            "kimi",
+            ("chat_completions", "messages"),
+        )
     )
 
 

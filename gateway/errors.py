@@ -3,7 +3,8 @@
 ```
 GatewayError                      status  meaning
 ├── BadRequest                      400   the client's body or query is wrong
-│   └── PayloadTooLarge             413   the body is over `max_body_bytes`
+│   ├── PayloadTooLarge             413   the body is over `max_body_bytes`
+│   └── ProtocolNotServed           400   the model's provider does not serve this client API
 ├── Unauthorized                    401   inbound bearer token missing or wrong
 ├── Forbidden                       403   a route this configuration refuses
 ├── MethodNotAllowed                405   the route exists, not with this method
@@ -11,6 +12,7 @@ GatewayError                      status  meaning
 ├── ProviderNotRegistered           404   the model's provider has no key configured
 ├── LedgerOff                       404   usage asked of a gateway whose ledger is off
 ├── BudgetExceeded                  429   a client's daily cloud cap is reached
+├── RouteMissing                    404   the Ollama target is older than the route
 ├── Unavailable                     503   the gateway cannot take the request now
 │   ├── GateFull                    503   the chat queue is at `max_queue`
 │   ├── GateTimeout                 503   waited `max_wait_s` for the chat gate
@@ -57,6 +59,11 @@ class PayloadTooLarge(BadRequest):
     def headers(self) -> dict[str, str]:
         # The rest of the body was never read: the connection cannot carry another request.
         return {"Connection": "close"}
+
+
+class ProtocolNotServed(BadRequest):
+    """A client API (OpenAI Responses, Anthropic Messages...) the model's provider does
+    not serve: said plainly, never converted into another protocol."""
 
 
 class Unauthorized(GatewayError):
@@ -106,6 +113,12 @@ class BudgetExceeded(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class RouteMissing(GatewayError):
+    """The Ollama target answered 404 for a route it does not have (an older Ollama)."""
+
+    status = 404
 
 
 class Unavailable(GatewayError):

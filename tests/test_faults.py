@@ -133,12 +133,15 @@ ROUTES = [
         generation=False,
     ),
     _route("v1_chat_local", "/v1/chat", CHAT, "ollama"),
+    # The client-API routes pass through (issue 12): statuses and bytes as the upstream sent them.
     _route(
         "v1_embeddings",
         "/v1/embeddings",
         {"model": "nomic-embed-text", "input": "x"},
         "ollama",
         generation=False,
+        openai=True,
+        keeps_status=True,
     ),
     _route(
         "oai_local_stream",
@@ -147,9 +150,10 @@ ROUTES = [
         "ollama",
         stream=True,
         openai=True,
-        first_piece=True,
+        keeps_status=True,
+        forwards_stream=True,
     ),
-    _route("oai_local", "/v1/chat/completions", CHAT, "ollama", openai=True),
+    _route("oai_local", "/v1/chat/completions", CHAT, "ollama", openai=True, keeps_status=True),
     _route(
         "v1_chat_openrouter",
         "/v1/chat",
@@ -163,6 +167,7 @@ ROUTES = [
         "openrouter",
         stream=True,
         openai=True,
+        keeps_status=True,
         forwards_stream=True,
     ),
     _route(
@@ -171,6 +176,7 @@ ROUTES = [
         {"model": OPENROUTER_MODEL, "messages": MESSAGES},
         "openrouter",
         openai=True,
+        keeps_status=True,
     ),
     _route("v1_chat_cloud", "/v1/chat", {"model": CLOUD_MODEL, "messages": MESSAGES}, "cloud"),
     _route(
@@ -180,7 +186,8 @@ ROUTES = [
         "cloud",
         stream=True,
         openai=True,
-        first_piece=True,
+        keeps_status=True,
+        forwards_stream=True,
     ),
 ]
 ROUTE = {route.name: route for route in ROUTES}
@@ -205,7 +212,8 @@ class Upstreams:
 async def upstreams(ollama: OllamaEmulator, nursery: trio.Nursery) -> Upstreams:
     openrouter = OpenAIEmulator(api_key=OPENROUTER_KEY)
     await nursery.start(openrouter.run)
-    cloud = OllamaEmulator(models=(CLOUD_MODEL,), required_token=CLOUD_KEY)
+    # `/v1/chat` sends the cloud-tagged name (chatd); the client-API routes its base name.
+    cloud = OllamaEmulator(models=(CLOUD_MODEL, "kimi-k2"), required_token=CLOUD_KEY)
     await nursery.start(cloud.run)
     return Upstreams(ollama, openrouter, cloud)
 
@@ -600,8 +608,8 @@ def _upstream_path(route: Route) -> str:
     if route.upstream == "openrouter":
         return "/api/v1/chat/completions"
     if route.upstream == "cloud":
-        return "/api/generate"
-    return "/api/chat" if route.path in ("/v1/chat", "/v1/chat/completions") else route.path
+        return "/api/generate" if route.path == "/v1/chat" else route.path
+    return "/api/chat" if route.path == "/v1/chat" else route.path
 
 
 @pytest.mark.parametrize("route_name", ["oai_local_stream", "oai_openrouter_stream"])
@@ -616,10 +624,17 @@ async def test_sse_client_that_stops_reading_is_dropped(
     await nursery.start(ollama.run)
     openrouter = OpenAIEmulator(api_key=OPENROUTER_KEY, reply=reply)
     await nursery.start(openrouter.run)
-    cloud = OllamaEmulator(models=(CLOUD_MODEL,), required_token=CLOUD_KEY)
+    # `/v1/chat` sends the cloud-tagged name (chatd); the client-API routes its base name.
+    cloud = OllamaEmulator(models=(CLOUD_MODEL, "kimi-k2"), required_token=CLOUD_KEY)
     await nursery.start(cloud.run)
     up = Upstreams(ollama, openrouter, cloud)
-    gw = await start_routed(start_gateway, up, write_timeout_s=0.5)
+    gw = await start_routed(
+        start_gateway,
+        up,
+        write_timeout_s=0.5,
+        # The emulator converts a 16 MB answer on its compatibility route: give it time.
+        ollama={"first_byte_timeout_s": 5.0, "idle_timeout_s": 5.0},
+    )
     baseline = gateway_tasks()
     upstream = up.of(route)
     host, port = gw.url.removeprefix("http://").rsplit(":", 1)

@@ -265,6 +265,8 @@ async def test_token_counts_equal_ollamas_final_frames(
 async def test_token_counts_of_router_and_openai_calls_to_local_ollama(
     gateway: RunningGateway, ollama: OllamaEmulator
 ) -> None:
+    """Counts come from Ollama's final frame on `/v1/chat`, and from the OpenAI usage
+    object the passthrough forwards (a stream has one only when it asks for it)."""
     client = gateway.client
     with trio.fail_after(10):
         routed = await client.post("/v1/chat", json=chat_body("a b c", model="ollama/llama3"))
@@ -272,20 +274,32 @@ async def test_token_counts_of_router_and_openai_calls_to_local_ollama(
             "/v1/chat/completions", json={"model": "llama3", "messages": [USER]}
         )
         streamed = await client.post(
-            "/v1/chat/completions", json={"model": "llama3", "messages": [USER], "stream": True}
+            "/v1/chat/completions",
+            json={
+                "model": "llama3",
+                "messages": [USER],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
         )
     assert [r.status_code for r in (routed, completion, streamed)] == [200, 200, 200]
     assert b"data: [DONE]" in streamed.content
-    frames = [final_frame(ollama, "/api/chat", i) for i in range(3)]
+    frame = final_frame(ollama, "/api/chat", 0)
+    usages = [completion.json()["usage"]]
+    events = [e.removeprefix(b"data: ") for e in streamed.content.split(b"\n\n") if e]
+    usages += [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+    assert len(usages) == 2
     metrics = await scrape(gateway)
+    # `llama3` and `llama3:latest` are one model, one label.
     labels = {"provider": "ollama", "model": "llama3:latest"}
-    assert metrics.value("gateway_tokens_total", **labels, direction="in") == sum(
-        f["prompt_eval_count"] for f in frames
-    )
-    assert metrics.value("gateway_tokens_total", **labels, direction="out") == sum(
-        f["eval_count"] for f in frames
-    )
-    assert routed.json()["input_tokens"] == frames[0]["prompt_eval_count"]
+    assert metrics.value("gateway_tokens_total", **labels, direction="in") == frame[
+        "prompt_eval_count"
+    ] + sum(u["prompt_tokens"] for u in usages)
+    assert metrics.value("gateway_tokens_total", **labels, direction="out") == frame[
+        "eval_count"
+    ] + sum(u["completion_tokens"] for u in usages)
+    assert all(u["completion_tokens"] > 0 for u in usages)
+    assert routed.json()["input_tokens"] == frame["prompt_eval_count"]
 
 
 @pytest.fixture

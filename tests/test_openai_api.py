@@ -1,5 +1,6 @@
-"""The OpenAI front door end to end: the official `openai` SDK (and raw httpx for the bytes)
-against a real gateway in front of the Ollama and OpenAI-compatible emulators."""
+"""The OpenAI routes end to end: the official `openai` SDK (and raw httpx for the bytes)
+against a real gateway in front of the Ollama and OpenAI-compatible emulators (the
+passthrough itself: tests/test_client_apis.py and tests/test_client_sdks.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from gateway.config import ProvidersConfig
 from tests.conftest import RunningGateway, StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator, OpenAIEmulator
 from tests.emulators.openai import error_json
-from tests.emulators.wire import embedding_vector, split_tokens
+from tests.emulators.wire import split_tokens
 
 T = TypeVar("T")
 
@@ -112,97 +113,6 @@ def final_ollama_line(ollama: OllamaEmulator) -> dict[str, Any]:
 # ------------------------------------------------------------------ local Ollama
 
 
-@pytest.mark.parametrize("model", ["llama3", "ollama/llama3"])
-async def test_local_completion_matches_the_emulator(
-    start_gateway: StartGateway, ollama: OllamaEmulator, model: str
-) -> None:
-    """A local completion through the SDK carries Ollama's reply, counts and finish reason."""
-    gw = await local_gateway(start_gateway, ollama)
-    answer = await sdk(gw, partial(complete, model=model))
-    final = final_ollama_line(ollama)
-    assert answer.choices[0].message.content == ollama.reply
-    assert answer.choices[0].finish_reason == "stop"
-    assert answer.usage is not None
-    assert answer.usage.prompt_tokens == final["prompt_eval_count"]
-    assert answer.usage.completion_tokens == final["eval_count"] == len(split_tokens(ollama.reply))
-    sent = ollama.requests_to("/api/chat")[-1].json()
-    assert sent["model"] == "llama3"
-    assert sent["think"] is False
-    assert sent["stream"] is False
-    assert sent["messages"] == QUESTION
-
-    short = await sdk(gw, partial(complete, model=model, max_tokens=3))
-    assert short.choices[0].finish_reason == "length"
-    assert short.usage is not None
-    assert short.usage.completion_tokens == 3
-    assert short.choices[0].message.content == "".join(split_tokens(ollama.reply)[:3])
-    sent = ollama.requests_to("/api/chat")[-1].json()
-    assert sent["options"]["num_predict"] == 3
-    assert sent["think"] is False
-
-
-async def test_local_stream_through_the_sdk(
-    start_gateway: StartGateway, ollama: OllamaEmulator
-) -> None:
-    """A local stream gives the reply as deltas, a finish reason, and usage when asked."""
-    gw = await local_gateway(start_gateway, ollama)
-    chunks = await sdk(gw, partial(stream, model="llama3"))
-    assert joined(chunks) == ollama.reply
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-    assert all(c.usage is None for c in chunks)
-    sent = ollama.requests_to("/api/chat")[-1].json()
-    assert sent["stream"] is True
-    assert sent["think"] is False
-
-    chunks = await sdk(gw, partial(stream, model="llama3", stream_options={"include_usage": True}))
-    final = final_ollama_line(ollama)
-    assert joined(chunks) == ollama.reply
-    usages = [c.usage for c in chunks if c.usage is not None]
-    assert len(usages) == 1
-    assert usages[0].prompt_tokens == final["prompt_eval_count"]
-    assert usages[0].completion_tokens == final["eval_count"]
-    assert usages[0].total_tokens == final["prompt_eval_count"] + final["eval_count"]
-
-
-async def test_local_stream_bytes_are_sse_and_arrive_as_emitted(
-    start_gateway: StartGateway, nursery: trio.Nursery
-) -> None:
-    """Raw SSE framing ends with `[DONE]`, and each delta arrives before the next NDJSON line."""
-    emulator = OllamaEmulator(token_delay_s=0.05, reply="one two three four five six")
-    await nursery.start(emulator.run)
-    gw = await local_gateway(start_gateway, emulator)
-    arrivals: list[tuple[float, bytes]] = []
-    with trio.fail_after(5):
-        async with gw.client.stream(
-            "POST", "/v1/chat/completions", json=chat_body("llama3", stream=True)
-        ) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"] == "text/event-stream"
-            buffer = b""
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    event, buffer = buffer.split(b"\n\n", 1)
-                    arrivals.append((trio.current_time(), event + b"\n\n"))
-    assert buffer == b""
-    body = b"".join(event for _, event in arrivals)
-    data = sse_data(body)
-    assert body.endswith(b"data: [DONE]\n\n")
-    chunks = [json.loads(d) for d in data[:-1]]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    emitted = emulator.requests_to("/api/chat")[-1].emitted
-    assert len(emitted) == 7  # six tokens and the final line
-    content_times = [
-        at
-        for (at, _), c in zip(arrivals, [*chunks, None], strict=True)
-        if c is not None and c["choices"] and c["choices"][0]["delta"].get("content")
-    ]
-    assert len(content_times) == 6
-    assert arrivals[0][0] < emitted[-1][0]
-    for arrived, (next_emitted, _) in zip(content_times, emitted[1:], strict=True):
-        assert arrived < next_emitted
-
-
 # --------------------------------------------------------- OpenAI-compatible
 
 
@@ -239,7 +149,7 @@ async def test_openrouter_completion_and_stream_through_the_sdk(
 
     # A local call too, so both upstreams have seen a chat.
     await sdk(gw, partial(complete, model="llama3"))
-    assert ollama.requests_to("/api/chat")
+    assert ollama.requests_to("/v1/chat/completions")
     for request in [*openai_emu.requests, *ollama.requests]:
         assert CLIENT_KEY not in json.dumps(request.headers)
         assert CLIENT_KEY.encode() not in request.body
@@ -313,22 +223,7 @@ async def test_upstream_429_stays_429_with_retry_after(
             )
         assert response.status_code == 429
         assert response.headers["retry-after"] == "7"
-        assert response.json()["error"]["type"] == "rate_limit_error"
-
-
-async def test_upstream_500_is_502(
-    start_gateway: StartGateway, ollama: OllamaEmulator, openai_emu: OpenAIEmulator
-) -> None:
-    """A provider's 500 is a 502 from the gateway, streaming or not."""
-    gw = await router_gateway(start_gateway, ollama, openai_emu)
-    openai_emu.faults.status = 500
-    with pytest.raises(openai.APIStatusError) as caught:
-        await sdk(gw, partial(complete, model=ROUTER_MODEL))
-    assert caught.value.status_code == 502
-    assert isinstance(caught.value, openai.InternalServerError)
-    with pytest.raises(openai.APIStatusError) as caught:
-        await sdk(gw, partial(stream, model=ROUTER_MODEL))
-    assert caught.value.status_code == 502
+        assert response.json() == json.loads(openai_emu.error_body(429))  # the provider's own
 
 
 async def test_upstream_401_is_502_without_the_key(
@@ -352,17 +247,6 @@ async def test_upstream_401_is_502_without_the_key(
     assert response.status_code == 502
     assert "bad key" in response.text
     assert wrong not in response.text
-
-
-async def test_zero_choices_is_502(
-    start_gateway: StartGateway, ollama: OllamaEmulator, openai_emu: OpenAIEmulator
-) -> None:
-    """A provider answer with no choices (non-streaming) is a 502, not an empty success."""
-    gw = await router_gateway(start_gateway, ollama, openai_emu)
-    openai_emu.faults.zero_choices = True
-    with pytest.raises(openai.APIStatusError) as caught:
-        await sdk(gw, partial(complete, model=ROUTER_MODEL))
-    assert caught.value.status_code == 502
 
 
 async def test_target_down_is_a_fast_503(
@@ -484,7 +368,7 @@ async def test_client_leaving_mid_stream_frees_the_gate(
             buffer = b""
             async for chunk in response.aiter_raw():
                 buffer += chunk
-                if buffer.count(b"\n\n") >= 2:  # the role event and the first token
+                if buffer.count(b"\n\n") >= 1:  # the first token
                     assert gate.busy == 1
                     break
         await ollama.wait_until(lambda: ollama.cancelled_generations == 1)
@@ -498,103 +382,4 @@ async def test_client_leaving_mid_stream_frees_the_gate(
 # ----------------------------------------------------------------- Ollama Cloud
 
 
-async def test_cloud_suffix_goes_to_ollama_cloud_generate(
-    start_gateway: StartGateway, ollama: OllamaEmulator, nursery: trio.Nursery
-) -> None:
-    """`<m>:cloud` reaches Ollama Cloud's /api/generate, flattened, with chatd's defaults."""
-    cloud = OllamaEmulator(models=("kimi-k2:cloud",), required_token=CLOUD_KEY)
-    await nursery.start(cloud.run)
-    config = make_config(ollama.url, providers=providers(ollama_cloud=cloud.url))
-    gw = await start_gateway(config, environ={"OLLAMA_CLOUD_KEY": CLOUD_KEY})
-    messages: list[ChatCompletionMessageParam] = [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "why is the sky blue?"},
-    ]
-
-    def call(client: openai.OpenAI) -> ChatCompletion:
-        return client.chat.completions.create(model="kimi-k2:cloud", messages=messages)
-
-    answer = await sdk(gw, call)
-    assert answer.choices[0].message.content == cloud.reply
-    assert answer.choices[0].finish_reason == "stop"
-    assert answer.usage is not None
-    assert answer.usage.completion_tokens == len(split_tokens(cloud.reply))
-    request = cloud.requests_to("/api/generate")[-1]
-    assert request.headers["authorization"] == f"Bearer {CLOUD_KEY}"
-    sent = request.json()
-    assert sent["model"] == "kimi-k2:cloud"
-    assert sent["system"] == "be brief"
-    assert sent["prompt"] == "User: why is the sky blue?"
-    assert sent["think"] is False
-    assert sent["stream"] is False
-    assert sent["options"]["num_predict"] >= 400
-    assert sent["options"]["temperature"] == 0.3
-    assert cloud.requests_to("/api/chat") == []
-    assert ollama.requests_to("/api/chat") == ollama.requests_to("/api/generate") == []
-    assert gw.services.gate.figures().granted_total == 0
-    assert all(CLIENT_KEY not in json.dumps(r.headers) for r in cloud.requests)
-
-    chunks = await sdk(gw, partial(stream, model="kimi-k2:cloud", temperature=0))
-    assert joined(chunks) == cloud.reply
-    sent = cloud.requests_to("/api/generate")[-1].json()
-    assert sent["stream"] is True
-    assert sent["options"]["temperature"] == 0
-
-
 # ------------------------------------------------------------- models, embeddings
-
-
-async def test_models_list_local_inventory_and_registered_providers(
-    start_gateway: StartGateway, ollama: OllamaEmulator, openai_emu: OpenAIEmulator
-) -> None:
-    """`/v1/models` lists the installed models plus `openrouter/`, and no unregistered one."""
-    gw = await router_gateway(start_gateway, ollama, openai_emu)
-    models = await sdk(gw, lambda client: list(client.models.list()))
-    ids = [m.id for m in models]
-    assert set(ids) == {"llama3:latest", "qwen2.5:7b", "nomic-embed-text:latest", "openrouter/"}
-    assert all(m.object == "model" for m in models)
-
-
-async def test_embeddings_are_openai_shaped_and_bypass_the_gate(
-    start_gateway: StartGateway, ollama: OllamaEmulator
-) -> None:
-    """SDK embeddings answer while a chat holds the gate, with the emulator's vectors."""
-    gw = await local_gateway(start_gateway, ollama)
-    gate = gw.services.gate
-    ollama.hold = trio.Event()
-    inputs = ["alpha beta", "gamma"]
-    with trio.fail_after(5):
-        async with trio.open_nursery() as clients:
-            clients.start_soon(partial(gw.client.post, "/api/chat", json=chat_body("llama3")))
-            await eventually(lambda: gate.busy == 1)
-            result = await sdk(
-                gw, lambda client: client.embeddings.create(model="nomic-embed-text", input=inputs)
-            )
-            assert gate.busy == 1
-            assert gate.queued == 0
-            assert gate.figures().granted_total == 1
-            ollama.hold.set()
-    assert result.object == "list"
-    assert result.model == "nomic-embed-text"
-    assert [d.index for d in result.data] == [0, 1]
-    for item, text in zip(result.data, inputs, strict=True):
-        assert item.object == "embedding"
-        assert item.embedding == pytest.approx(embedding_vector(text, normalize=True))
-    assert result.usage.prompt_tokens == 3
-    assert ollama.requests_to("/api/embed")[-1].json()["input"] == inputs
-    assert gate.figures().granted_total == 1
-
-
-async def test_http_client_sees_openai_error_shape(
-    start_gateway: StartGateway, ollama: OllamaEmulator
-) -> None:
-    """Errors from the front door use OpenAI's envelope, so any OpenAI client parses them."""
-    gw = await local_gateway(start_gateway, ollama)
-    with trio.fail_after(5):
-        response = await gw.client.post("/v1/chat/completions", json={"model": "kimi/x"})
-    assert response.status_code == 400
-    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    with trio.fail_after(5):
-        response = await gw.client.post("/v1/chat/completions", json=chat_body("kimi/x"))
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "model_not_found"

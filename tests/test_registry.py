@@ -28,6 +28,9 @@ from gateway.providers.registry import Resolved, resolve
         ("OpenRouter/OpenAI/GPT-4o", "openrouter", "OpenAI/GPT-4o"),
         ("KIMI/K2", "kimi", "K2"),
         ("Kimi-K2:CLOUD", "ollama_cloud", "Kimi-K2:CLOUD"),
+        # Ollama's `<model>:<tag>-cloud` (issue 12); the client-API routes strip the tag.
+        ("gpt-oss:120b-cloud", "ollama_cloud", "gpt-oss:120b-cloud"),
+        ("my-cloud", "ollama", "my-cloud"),
     ],
 )
 def test_routes(name: str, provider: str, model: str) -> None:

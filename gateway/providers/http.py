@@ -3,7 +3,7 @@ httpx errors mapped once, and the key scrubbed from anything an upstream says ba
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -55,6 +55,11 @@ class ProviderHTTP:
         key = self._key.reveal()
         return text.replace(key, "***") if key else text
 
+    def scrub_bytes(self, data: bytes) -> bytes:
+        """`scrub` for a body handed on as bytes: untouched unless it holds the key."""
+        key = self._key.reveal().encode()
+        return data.replace(key, b"***") if key and key in data else data
+
     def status_error(self, answer: Answer, *, body_is_clients: bool = False) -> UpstreamStatus:
         message = self.scrub(upstream_message(answer.body, answer.status))
         return UpstreamStatus(
@@ -64,17 +69,27 @@ class ProviderHTTP:
             body_is_clients=body_is_clients,
         )
 
-    def _request(self, path: str, body: bytes) -> httpx.Request:
-        return self._http.build_request(
-            "POST",
-            self.base_url + path,
-            content=body,
-            headers={
-                "Authorization": f"Bearer {self._key.reveal()}",
-                "Content-Type": "application/json",
-            },
-            timeout=self._timeout,
+    def _request(
+        self,
+        path: str,
+        body: bytes | None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        method: str = "POST",
+        key_header: bool = False,
+    ) -> httpx.Request:
+        own: dict[str, str] = {"Authorization": f"Bearer {self._key.reveal()}"}
+        if key_header:
+            # Anthropic-style endpoints read the key from `x-api-key` (Kimi's only so).
+            own["x-api-key"] = self._key.reveal()
+        if body is not None:
+            own["Content-Type"] = "application/json"
+        request = self._http.build_request(
+            method, self.base_url + path, content=body, headers=own, timeout=self._timeout
         )
+        for name, value in headers:
+            request.headers[name.decode("latin-1")] = value.decode("latin-1")
+        return request
 
     async def post(self, path: str, payload: object) -> Answer:
         """POST JSON and read the whole answer within `timeout_s`."""
@@ -89,11 +104,29 @@ class ProviderHTTP:
     def _too_slow(self) -> UpstreamTimeout:
         return UpstreamTimeout(f"{self.name} did not answer within {self.timeout_s:g} s")
 
+    async def get(self, path: str) -> Answer:
+        """GET and read the whole answer within `timeout_s`."""
+        try:
+            with trio.fail_after(self.timeout_s):
+                async with self.stream(path, None, method="GET") as answer:
+                    return await answer.read()
+        except trio.TooSlowError:
+            raise self._too_slow() from None
+
     @asynccontextmanager
-    async def stream(self, path: str, body: bytes) -> AsyncIterator[StreamAnswer]:
-        """POST and yield the answer with its body unread; `timeout_s` bounds the wait for
-        the first byte and each silence after it, never the whole stream."""
-        request = self._request(path, body)
+    async def stream(
+        self,
+        path: str,
+        body: bytes | None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+        *,
+        method: str = "POST",
+        key_header: bool = False,
+    ) -> AsyncIterator[StreamAnswer]:
+        """Send and yield the answer with its body unread; `timeout_s` bounds the wait for
+        the first byte and each silence after it, never the whole stream. `headers` are
+        the client's headers the protocol needs (never its credentials)."""
+        request = self._request(path, body, headers, method=method, key_header=key_header)
         try:
             with trio.fail_after(self.timeout_s):
                 response = await self._http.send(request, stream=True)

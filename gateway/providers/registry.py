@@ -4,16 +4,18 @@
 |---------------------------|---------------|-----------------------|
 | `ollama/<m>`              | local Ollama  | `<m>`                 |
 | `ollama_cloud/<m>`        | Ollama Cloud  | `<m>`                 |
-| `<m>:cloud`               | Ollama Cloud  | `<m>:cloud` unchanged |
+| `<m>:cloud`, `<m>:<t>-cloud` | Ollama Cloud | unchanged (the client-API routes strip the tag) |
 | `openrouter/<vendor>/<m>` | OpenRouter    | `<vendor>/<m>`        |
 | `opencode/<m>`            | OpenCode      | `<m>`                 |
 | `kimi/<m>`                | Kimi          | `<m>`                 |
 | anything else             | local Ollama  | unchanged             |
 
-An explicit prefix wins over the `:cloud` suffix (`ollama/x:cloud` asks the local host,
-which may itself proxy cloud models). Prefixes and the suffix match in any letter case;
-the model part is passed on as written. A provider without a key is not registered:
-its names get 404 naming the missing variable, never a fall-through to another provider.
+A cloud tag is read as Ollama reads it (`gpt-oss:120b-cloud`, `kimi-k2:cloud`:
+`protocols.strip_cloud_tag`). An explicit prefix wins over the cloud tag
+(`ollama/x:cloud` asks the local host, which may itself proxy cloud models). Prefixes
+and the suffix match in any letter case; the model part is passed on as written. A
+provider without a key is not registered: its names get 404 naming the missing
+variable, never a fall-through to another provider.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ import httpx
 from gateway.config import Config, provider_names
 from gateway.errors import BadRequest, ProviderNotRegistered
 from gateway.providers.base import Provider
+from gateway.providers.client_api import ClientAPI
 from gateway.providers.http import ProviderHTTP
 from gateway.providers.keys import resolve_key
 from gateway.providers.local import LocalOllama
 from gateway.providers.ollama_cloud import OllamaCloud
 from gateway.providers.openai_compat import OpenAICompatible
+from gateway.providers.protocols import strip_cloud_tag
 
 LOCAL = "ollama"
 ORDER = (LOCAL, *provider_names())
 _PREFIXES = {f"{name}/": name for name in ORDER}
-_CLOUD_SUFFIX = ":cloud"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,7 @@ def resolve(name: str) -> Resolved:
                     f"OpenRouter models are named openrouter/<vendor>/<model>, got {name!r}"
                 )
             return Resolved(provider, model)
-    if lowered.endswith(_CLOUD_SUFFIX) and len(name) > len(_CLOUD_SUFFIX):
+    if strip_cloud_tag(name):
         return Resolved("ollama_cloud", name)
     return Resolved(LOCAL, name)
 
@@ -72,19 +75,42 @@ class ProviderInfo:
 
 
 class Registry:
-    def __init__(self, providers: Mapping[str, Provider], missing: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        missing: Mapping[str, str],
+        client_apis: Mapping[str, ClientAPI] | None = None,
+    ) -> None:
         self._providers = dict(providers)
         self._missing = dict(missing)  # provider -> why it is not registered (no secret)
+        self._client_apis = dict(client_apis or {})
 
     def route(self, name: str) -> tuple[Provider, str]:
         resolved = resolve(name)
         provider = self._providers.get(resolved.provider)
         if provider is None:
-            reason = self._missing.get(resolved.provider, "it is not configured")
-            raise ProviderNotRegistered(
-                f"provider {resolved.provider!r} for model {name!r} is not registered: {reason}"
-            )
+            raise self._unregistered(resolved.provider, name)
         return provider, resolved.model
+
+    def _unregistered(self, provider: str, name: str) -> ProviderNotRegistered:
+        reason = self._missing.get(provider, "it is not configured")
+        return ProviderNotRegistered(
+            f"provider {provider!r} for model {name!r} is not registered: {reason}"
+        )
+
+    def client_api(self, provider: str, name: str) -> ClientAPI:
+        """The cloud provider `provider` as the passthrough routes reach it, or the 404
+        that names its missing key (`name` is the client's model name, for the message)."""
+        api = self._client_apis.get(provider)
+        if api is None:
+            raise self._unregistered(provider, name)
+        return api
+
+    def find_client_api(self, provider: str) -> ClientAPI | None:
+        return self._client_apis.get(provider)
+
+    def client_apis(self) -> list[ClientAPI]:
+        return [self._client_apis[name] for name in ORDER if name in self._client_apis]
 
     def get(self, name: str) -> Provider | None:
         return self._providers.get(name)
@@ -102,6 +128,7 @@ def build_registry(
 ) -> Registry:
     """Register local Ollama always, and each cloud provider whose key is found."""
     providers: dict[str, Provider] = {LOCAL: local}
+    client_apis: dict[str, ClientAPI] = {}
     missing: dict[str, str] = {}
     for name in provider_names():
         settings = getattr(config.providers, name)
@@ -119,4 +146,5 @@ def build_registry(
         providers[name] = (
             OllamaCloud(channel) if name == "ollama_cloud" else OpenAICompatible(channel)
         )
-    return Registry(providers, missing)
+        client_apis[name] = ClientAPI(channel, settings.protocols)
+    return Registry(providers, missing, client_apis)

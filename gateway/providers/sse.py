@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gateway.providers.protocols import UsageTally
+
 
 class SseSplitter:
     """Splits an SSE byte stream into the `data` of each event (multi-line data joined by
@@ -41,3 +43,29 @@ def sse_event(data: bytes) -> bytes:
 
 
 DONE = sse_event(b"[DONE]")
+
+
+class SseWatch:
+    """Watches an SSE stream that is forwarded untouched: token counts from the events
+    that carry `usage` (only those are decoded), and whether the bytes so far end
+    mid-event, so an in-band error can start on an event boundary."""
+
+    def __init__(self) -> None:
+        self._splitter = SseSplitter()
+        self.usage = UsageTally()
+        self.mid_event = False
+        self._broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.mid_event = not (chunk.endswith(b"\n\n") or chunk.endswith(b"\r\n\r\n"))
+        if self._broken:
+            return
+        try:
+            events = self._splitter.feed(chunk)
+        except ValueError:
+            self._broken = True  # telemetry only: an odd stream is the client's to judge
+            return
+        for data in events:
+            self.usage.feed(data)

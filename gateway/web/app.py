@@ -13,9 +13,10 @@ from gateway.record import record_of
 from gateway.services import Services
 from gateway.web import health, router_api, usage_api
 from gateway.web.asgi import Receive, Scope, Send
+from gateway.web.client_api import ClientAPIRoutes
 from gateway.web.middleware import Observed
+from gateway.web.models_api import ModelsRoutes
 from gateway.web.ollama_api import OllamaProxy
-from gateway.web.openai_api import OpenAIFrontDoor
 
 
 def json_error(error: GatewayError) -> Response:
@@ -67,14 +68,16 @@ def create_quart_app(services: Services) -> Quart:
 
 
 class GatewayApp:
-    """Dispatches each request: Ollama's routes and the OpenAI front door to raw ASGI
-    endpoints (ADR 0005), everything else to Quart."""
+    """Dispatches each request: Ollama's routes and the client-API routes (OpenAI,
+    Responses, Anthropic, model listings) to raw ASGI endpoints (ADR 0005, 0018),
+    everything else to Quart."""
 
     def __init__(self, services: Services) -> None:
         # Typed loosely on purpose: Quart's signature wants hypercorn's TypedDict scopes.
         self.quart: Any = create_quart_app(services)
         self.proxy = OllamaProxy(services)
-        self.front_door = OpenAIFrontDoor(services)
+        self.client_api = ClientAPIRoutes(services)
+        self.models = ModelsRoutes(services)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -82,8 +85,11 @@ class GatewayApp:
             if self.proxy.handles(path):
                 await self.proxy(scope, receive, send)
                 return
-            if path == OpenAIFrontDoor.path:
-                await self.front_door(scope, receive, send)
+            if self.client_api.handles(path):
+                await self.client_api(scope, receive, send)
+                return
+            if self.models.handles(path):
+                await self.models(scope, receive, send)
                 return
         await self.quart(scope, receive, send)
 

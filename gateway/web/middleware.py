@@ -10,26 +10,27 @@ from typing import Any
 import trio
 
 from gateway.errors import GatewayError
+from gateway.providers.protocols import MODELS_PATH, PROTOCOLS
 from gateway.record import SCOPE_KEY, RequestRecord, new_request_id
 from gateway.services import Services
 from gateway.web.asgi import Message, Receive, Responder, Scope, Send, header
 from gateway.web.ollama_api import ROUTES, Kind, route_for
-from gateway.web.openai_api import OpenAIFrontDoor, openai_error, sse_error_tail
+from gateway.web.shapes import openai_error, responder_for, sse_error_tail
 
 access_log = logging.getLogger("gateway.access")
 
 KNOWN_ROUTES = frozenset(
     {
         *ROUTES,
-        OpenAIFrontDoor.path,
+        *PROTOCOLS,
         "/health",
         "/ready",
         "/metrics",
         "/v1/chat",
         "/v1/chat/providers",
-        "/v1/models",
         "/v1/embeddings",
         "/v1/usage",
+        MODELS_PATH,
     }
 )
 QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
@@ -40,7 +41,9 @@ CLIENT_CLOSED = 499  # nginx's code for "the client left before the answer", for
 def route_label(path: str) -> str:
     if path in KNOWN_ROUTES:
         return path
-    return "/api/blobs" if path.startswith("/api/blobs/") else "other"
+    if path.startswith("/api/blobs/"):
+        return "/api/blobs"
+    return "/v1/models/{model}" if path.startswith(MODELS_PATH + "/") else "other"
 
 
 class Observed:
@@ -96,7 +99,10 @@ class Observed:
                     path, header(scope, b"authorization"), admin=admin
                 )
             except GatewayError as exc:
-                if path == OpenAIFrontDoor.path:
+                protocol = PROTOCOLS.get(path)
+                if protocol is not None:
+                    responder = responder_for(protocol, observed_send, record)
+                elif path == MODELS_PATH or path.startswith(MODELS_PATH + "/"):
                     responder = Responder(
                         observed_send,
                         error_body=openai_error,

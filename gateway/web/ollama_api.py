@@ -23,9 +23,13 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     MethodNotAllowed,
+    RouteMissing,
     UpstreamError,
 )
 from gateway.pinning import pin_body, pin_for, pins_of
+from gateway.providers.client_api import OLLAMA_CLOUD, ClientAPI
+from gateway.providers.protocols import Protocol, UsageTally, strip_cloud_tag, with_model
+from gateway.providers.sse import SseWatch
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
 from gateway.target.client import RawResponse
@@ -43,6 +47,8 @@ from gateway.web.asgi import (
     run_tracked,
 )
 from gateway.web.bodies import decode_body
+from gateway.web.cloud_relay import relay_cloud
+from gateway.web.cloud_tags import CloudTags, merged
 
 
 class Kind(enum.Enum):
@@ -99,6 +105,7 @@ _DROPPED = frozenset(
 )
 
 _routing = msgspec.json.Decoder(Routing)
+_CLOUD_PREFIX = OLLAMA_CLOUD + "/"
 _KEEP_BYTES = 1024 * 1024
 
 
@@ -129,6 +136,9 @@ class OllamaProxy:
         self._s = services
         self._max_body = services.config.max_body_bytes
         self._pins = pins_of(services.config.models)
+        cloud = services.registry.find_client_api(OLLAMA_CLOUD)
+        listed = services.config.providers.ollama_cloud.list_in_tags
+        self._cloud_tags = CloudTags(cloud) if cloud is not None and listed else None
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -164,6 +174,20 @@ class OllamaProxy:
             self._s, method, upstream_path, body or None, content_type, responder, record
         )
 
+        if route.kind in (Kind.GENERATE, Kind.SHOW):
+            cloud = self._cloud_model(body)
+            if cloud is not None:
+                api, model = cloud
+                record.provider, record.model = api.name, model
+                self._s.budgets.admit(record.who, api.name)
+                cloud_body = with_model(body, model)
+
+                async def to_cloud() -> None:
+                    await relay_cloud(api, path, cloud_body, responder, record)
+
+                await self._run(scope, receive, responder, to_cloud)
+                return
+
         match route.kind:
             case Kind.GENERATE:
                 model = await self._known_model(body, record)
@@ -179,7 +203,10 @@ class OllamaProxy:
                 parse_routing(body)
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.LISTING:
-                await self._run(scope, receive, responder, forward.listing(path))
+                work = forward.listing(path)
+                if path == "/api/tags" and self._cloud_tags is not None:
+                    work = forward.with_cloud_tags(self._cloud_tags)
+                await self._run(scope, receive, responder, work)
             case Kind.MANAGE:
                 if not self._s.config.ollama.allow_management:
                     raise Forbidden(
@@ -193,6 +220,21 @@ class OllamaProxy:
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.INFO:
                 await self._run(scope, receive, responder, forward.plain)
+
+    def _cloud_model(self, body: bytes) -> tuple[ClientAPI, str] | None:
+        """Ollama Cloud and the model's base name, for `ollama_cloud/<m>` or a cloud-tagged
+        name when that provider is registered; else None (the local host answers, and an
+        Ollama signed in to ollama.com proxies cloud models itself)."""
+        name = parse_routing(body).model_name
+        lowered = name.lower()
+        if lowered.startswith(_CLOUD_PREFIX):
+            name = name[len(_CLOUD_PREFIX) :]
+        elif not strip_cloud_tag(name):
+            return None
+        api = self._s.registry.find_client_api(OLLAMA_CLOUD)
+        if api is None or not name.strip():
+            return None
+        return api, api.upstream_model(name)
 
     async def _known_model(self, body: bytes, record: RequestRecord) -> str:
         """The request's model, checked against the inventory (Ollama's 404 if unknown)."""
@@ -225,6 +267,8 @@ class _Forward:
         content_type: bytes,
         responder: Responder,
         record: RequestRecord,
+        *,
+        protocol: Protocol | None = None,
     ) -> None:
         self._s = services
         self._record = record
@@ -235,6 +279,9 @@ class _Forward:
         self._content_type = content_type
         self.responder = responder
         self.frames = FrameWatch()
+        # A client-API route (OpenAI, Responses, Anthropic): counts come from the
+        # protocol's usage objects, and a target older than the route is named.
+        self._protocol = protocol
 
     async def plain(self) -> None:
         record = self._record
@@ -284,6 +331,39 @@ class _Forward:
 
         return run
 
+    def with_cloud_tags(self, cloud: CloudTags) -> Callable[[], Awaitable[None]]:
+        """`/api/tags` with Ollama Cloud's models after the local ones (`list_in_tags`)."""
+
+        async def run() -> None:
+            inventory = self._s.inventory
+            local = inventory.snapshot.tags_body
+            if not inventory.degraded:
+                try:
+                    async with self._s.target.raw("GET", "/api/tags") as upstream:
+                        data = await upstream.read()
+                        if upstream.status != 200:
+                            await self._relay_read(upstream, data)
+                            return
+                        local = data
+                except UpstreamError as exc:
+                    error = inventory.note_failure(exc)
+                    if not inventory.degraded:
+                        raise error from exc
+            body = merged(local, await cloud.entries())
+            await self.responder.full(
+                200,
+                body if self._method == "GET" else b"",
+                [(b"content-type", b"application/json; charset=utf-8")],
+            )
+
+        return run
+
+    async def _relay_read(self, upstream: RawResponse, data: bytes) -> None:
+        headers = _forwarded_headers(upstream)
+        headers.append((b"content-length", b"%d" % len(data)))
+        await self.responder.start(upstream.status, headers)
+        await self.responder.end(data)
+
     async def _relay(self, upstream: RawResponse) -> None:
         headers = _forwarded_headers(upstream)
         length = upstream.header(b"content-length")
@@ -292,17 +372,28 @@ class _Forward:
             # HEAD has no body but keeps the length a GET would have.
             data = await upstream.read()
             self._record.upstream_s = trio.current_time() - self._sent
+            if upstream.status >= 400 and self._protocol is not None:
+                if upstream.status == 404:
+                    self._check_route(upstream, data)
+                # An error a client-API SDK shows its user: never with the target's token.
+                scrubbed = self._s.target.scrub(data.decode("utf-8", "surrogateescape"))
+                data = scrubbed.encode("utf-8", "surrogateescape")
+                length = b"%d" % len(data)
             if self._record.model and upstream.status == 200:
-                self._record.note_final_frame(data)
+                self._note_whole(data)
             headers.append((b"content-length", b"%d" % len(data) if data else length))
             await self.responder.start(upstream.status, headers)
             await self.responder.end(data)
+            return
+        content_type = upstream.header(b"content-type") or b""
+        if self._protocol is not None and content_type.startswith(b"text/event-stream"):
+            await self._relay_sse(upstream, headers)
             return
         await self.responder.start(upstream.status, headers)
         # NDJSON is watched line by line (bound, last frame). Any other body sent without
         # a length (Go chunks large JSON answers) passes as is; for telemetry, a
         # generation's JSON answer is kept up to `_KEEP_BYTES`.
-        ndjson = (upstream.header(b"content-type") or b"").startswith(b"application/x-ndjson")
+        ndjson = content_type.startswith(b"application/x-ndjson")
         frames = self.frames
         kept: list[bytes] | None = [] if self._record.model and not ndjson else None
         kept_bytes = 0
@@ -321,5 +412,43 @@ class _Forward:
         if ndjson and self._record.model:
             self._record.note_final_frame(frames.last_line)
         elif kept and kept_bytes <= _KEEP_BYTES and upstream.status == 200:
-            self._record.note_final_frame(b"".join(kept))
+            self._note_whole(b"".join(kept))
         await self.responder.end()
+
+    async def _relay_sse(self, upstream: RawResponse, headers: Headers) -> None:
+        """An SSE answer of a client-API route, event bytes as they arrive; counts from
+        the events that carry `usage`; a failure ends it with the protocol's error event."""
+        await self.responder.start(upstream.status, headers)
+        watch = SseWatch()
+        try:
+            async for chunk in upstream:
+                watch.feed(chunk)
+                await self.responder.chunk(chunk)
+        except UpstreamError as exc:
+            self._s.inventory.note_failure(exc)
+            await self.responder.fail(exc, mid_line=watch.mid_event)
+            return
+        finally:
+            self._record.tokens_in = watch.usage.tokens_in
+            self._record.tokens_out = watch.usage.tokens_out
+        await self.responder.end()
+
+    def _note_whole(self, data: bytes) -> None:
+        if self._protocol is None:
+            self._record.note_final_frame(data)
+            return
+        usage = UsageTally()
+        usage.feed(data)
+        self._record.tokens_in, self._record.tokens_out = usage.tokens_in, usage.tokens_out
+
+    def _check_route(self, upstream: RawResponse, data: bytes) -> None:
+        """Ollama answers a route it does not have with gin's plain-text 404."""
+        assert self._protocol is not None
+        if data.strip() == b"404 page not found" and not (
+            upstream.header(b"content-type") or b""
+        ).startswith(b"application/json"):
+            raise RouteMissing(
+                f"the Ollama target has no {self._protocol.path} route: the"
+                f" {self._protocol.title} API came with Ollama {self._protocol.ollama_since};"
+                " upgrade Ollama on the GPU host"
+            )

@@ -1,5 +1,4 @@
-"""The router's own API (chatd's): `POST /v1/chat` and `GET /v1/chat/providers`, plus the
-OpenAI-shaped listings that need no streaming: `GET /v1/models`, `POST /v1/embeddings`."""
+"""The router's own API (chatd's): `POST /v1/chat` and `GET /v1/chat/providers`."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import msgspec
 import trio
 from quart import Quart, Response, request
 
-from gateway.errors import BadRequest, GatewayError, ShuttingDown, UpstreamError
+from gateway.errors import BadRequest, GatewayError, ShuttingDown
 from gateway.providers.base import ChatRequest, ChatResult
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
@@ -75,49 +74,6 @@ def register(app: Quart, services: Services) -> None:
     @app.get("/v1/chat/providers")
     async def providers() -> Response:
         return json_response({"providers": services.registry.listing()})
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        data: list[dict[str, Any]] = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "ollama"}
-            for name in sorted(services.inventory.snapshot.installed)
-        ]
-        data += [
-            {"id": f"{info.name}/", "object": "model", "created": 0, "owned_by": info.name}
-            for info in services.registry.listing()
-            if info.name != "ollama"
-        ]
-        return json_response({"object": "list", "data": data})
-
-    @app.post("/v1/embeddings")
-    async def embeddings() -> Response:
-        body = decode_body(await request.get_data(False, False, False), _embeddings_request)
-        inventory = services.inventory
-        record = record_of(request.scope)
-        record.provider, record.model = "ollama", body.model
-        await inventory.require_model(body.model)
-        with services.drain.track() as activity, activity.scope:
-            try:
-                answer = await services.target.embed(body.model, body.input)
-            except UpstreamError as exc:
-                raise inventory.note_failure(exc) from exc
-        if activity.ended_by_shutdown:
-            raise ShuttingDown("the gateway is shutting down; retry shortly")
-        record.tokens_in = answer.prompt_eval_count
-        return json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": _vector(vector, body)}
-                    for i, vector in enumerate(answer.embeddings)
-                ],
-                "model": body.model,
-                "usage": {
-                    "prompt_tokens": answer.prompt_eval_count,
-                    "total_tokens": answer.prompt_eval_count,
-                },
-            }
-        )
 
 
 __all__ = ["GatewayError", "register", "run_chat"]

@@ -421,6 +421,10 @@ class EmulatorBase:
         """The upstream-shaped error body for a bare ``faults.status``."""
         raise NotImplementedError
 
+    def fault_error(self, path: str, status: int) -> tuple[bytes, str]:
+        """The body and content type of a bare ``faults.status`` on ``path``."""
+        return self.error_body(status), self.error_content_type
+
     async def handle(self, exchange: Exchange) -> None:
         raise NotImplementedError
 
@@ -445,13 +449,12 @@ class EmulatorBase:
             if faults.hang_before_headers:
                 await trio.sleep_forever()
             if faults.status is not None:
-                body = faults.status_body
+                body, content_type = self.fault_error(exchange.path, faults.status)
+                if faults.status_body is not None:
+                    body = faults.status_body
                 extra = [("retry-after", faults.retry_after)] if faults.retry_after else []
                 await exchange.respond(
-                    faults.status,
-                    self.error_body(faults.status) if body is None else body,
-                    content_type=self.error_content_type,
-                    headers=extra,
+                    faults.status, body, content_type=content_type, headers=extra
                 )
                 return
         if faults.garbage_body and self.fault_applies(exchange.path):

@@ -11,7 +11,9 @@ from typing import Any
 import trio
 
 from .http import Exchange
+from .ollama_compat import compat_error, compat_routes, is_compat_path
 from .ollama_models import NDJSON, OllamaModelStore
+from .ollama_script import plan_answer, think_on, token_logprobs
 from .wire import (
     OllamaModel,
     canonical,
@@ -21,14 +23,49 @@ from .wire import (
     go_time,
     ns,
     parse_keep_alive,
-    split_tokens,
 )
 
 Handler = Callable[[Exchange], Awaitable[None]]
+GENERATION_PATHS = frozenset(
+    {
+        "/api/chat",
+        "/api/generate",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+    }
+)
+
+
+def message(
+    *, content: str = "", thinking: str = "", tool_calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """An api.Message as Ollama marshals it (thinking and tool_calls omitted when empty)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if thinking:
+        msg["thinking"] = thinking
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return msg
+
+
+# Models as Ollama Cloud names them (a local Ollama calls them gpt-oss:120b-cloud ...).
+CLOUD_MODELS = ("gpt-oss:120b", "gpt-oss:20b", "qwen3-coder:480b", "deepseek-v3.1:671b")
 
 
 class OllamaEmulator(OllamaModelStore):
     """Generation, embeddings and routing; see tests/emulators/README.md."""
+
+    @classmethod
+    def cloud(
+        cls, api_key: str = "cloud-key", models: Sequence[str] = CLOUD_MODELS, **kw: Any
+    ) -> OllamaEmulator:
+        """Ollama Cloud (ollama.com): the same API, a bearer key on every /api and /v1 route
+        (401 in the route's shape without it), cloud model names, gpt-oss thinking."""
+        emu = cls(models, required_token=api_key, **kw)
+        emu.thinking_models = {m for m in models if m.startswith("gpt-oss")}
+        return emu
 
     def __init__(
         self,
@@ -39,7 +76,7 @@ class OllamaEmulator(OllamaModelStore):
         embed_delay_s: float = 0.0,
         reply: str = "The sky is blue because of Rayleigh scattering.",
         required_token: str | None = None,
-        version: str = "0.12.6",
+        version: str = "0.15.2",
     ) -> None:
         super().__init__(models)
         self.token_delay_s = token_delay_s
@@ -48,6 +85,12 @@ class OllamaEmulator(OllamaModelStore):
         self.reply = reply
         self.required_token = required_token
         self.version = version
+        # The model's scripted behaviour (tests/emulators/ollama_script.py):
+        self.thinking = "Rayleigh scattering favours short wavelengths."
+        self.thinking_models: set[str] = set()
+        self.tool_calls: dict[str, dict[str, Any]] = {}
+        self.structured_reply: object = None
+        self.inner_requests: list[dict[str, Any]] = []
         self.embed_hold: trio.Event | None = None
         self.active_embeds = 0
         self.max_concurrent_embeds = 0
@@ -55,10 +98,15 @@ class OllamaEmulator(OllamaModelStore):
         self.loads: dict[str, int] = {}  # model loads, reloads for other options included
 
     def is_generation_path(self, path: str) -> bool:
-        return path in ("/api/chat", "/api/generate")
+        return path in GENERATION_PATHS
 
     def is_embed_path(self, path: str) -> bool:
-        return path in ("/api/embed", "/api/embeddings")
+        return path in ("/api/embed", "/api/embeddings", "/v1/embeddings")
+
+    def fault_error(self, path: str, status: int) -> tuple[bytes, str]:
+        if is_compat_path(path):
+            return compat_error(path, status, self.error_body(status))
+        return super().fault_error(path, status)
 
     def error_body(self, status: int) -> bytes:
         messages = {
@@ -76,6 +124,10 @@ class OllamaEmulator(OllamaModelStore):
         if path.startswith("/api") and not authorized:
             await self._error(exchange, 401, "unauthorized")
             return
+        if is_compat_path(path) and not authorized:  # Ollama Cloud: the route's own shape
+            body, content_type = compat_error(path, 401, dump({"error": "unauthorized"}))
+            await exchange.respond(401, body, content_type=content_type)
+            return
         routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": self._root, "HEAD": self._root},
             "/api/version": {"GET": self._version, "HEAD": self._version},
@@ -92,6 +144,8 @@ class OllamaEmulator(OllamaModelStore):
             "/api/copy": {"POST": self._copy},
             "/api/delete": {"DELETE": self._delete},
         }
+        if is_compat_path(path):
+            routes.update(compat_routes(self, path))
         if path.startswith("/api/blobs/") and len(path) > len("/api/blobs/"):
             routes[path] = {"HEAD": self._head_blob, "POST": self._create_blob}
         methods = routes.get(path)
@@ -173,12 +227,23 @@ class OllamaEmulator(OllamaModelStore):
         if model.embedding:
             await self._error(exchange, 400, f"{json.dumps(name)} does not support {kind}")
             return
+        thinking_model = model.name in {canonical(m) for m in self.thinking_models}
+        relaxed = getattr(exchange, "relax_thinking", False)  # set by the /v1/messages layer
+        if (
+            self.thinking_models
+            and not thinking_model
+            and not relaxed
+            and think_on(req.get("think"), thinking_model=False)
+        ):
+            await self._error(exchange, 400, f"{json.dumps(name)} does not support thinking")
+            return
         try:
             keep_alive = parse_keep_alive(req.get("keep_alive"))
         except ValueError as exc:
             await self._error(exchange, 400, str(exc))
             return
         self.keep_alive_seen[model.name] = req.get("keep_alive")
+        self.inner_requests.append(req)
         options = req.get("options") or {}
         if not isinstance(options, dict):
             await self._error(exchange, 400, "json: cannot unmarshal options")
@@ -202,41 +267,68 @@ class OllamaEmulator(OllamaModelStore):
         users = [str(m.get("content", "")) for m in messages if m.get("role") == "user"]
         tag = exchange.header("x-test-tag") or (users[0] if chat and users else prompt or "")
         prompt_count = max(1, sum(len(t.split()) for t in texts))
-        text = self.reply
-        if req.get("format") is not None and req.get("format") != "":
-            text = json.dumps({"answer": self.reply})
-        tokens = split_tokens(text)
-        done_reason = "stop"
-        num_predict = options.get("num_predict")
-        if type(num_predict) is int and 0 <= num_predict < len(tokens):
-            tokens, done_reason = tokens[:num_predict], "length"
+        answer = plan_answer(
+            req,
+            chat=chat,
+            reply=self.reply,
+            thinking=self.thinking,
+            thinking_model=thinking_model,
+            tool_calls=self.tool_calls,
+            structured=self.structured_reply,
+        )
+        done_reason = answer.done_reason
 
-        def piece(content: str) -> dict[str, Any]:
-            if chat:
-                return {
-                    **head,
-                    "created_at": go_time(),
-                    "message": {"role": "assistant", "content": content},
-                    "done": False,
-                }
-            return {**head, "created_at": go_time(), "response": content, "done": False}
+        parts: list[dict[str, Any]] = []
+        if chat:
+            parts += [{"message": message(thinking=t)} for t in answer.thinking]
+            parts += [
+                {"message": message(content=t), **token_logprobs(req, t)} for t in answer.content
+            ]
+            if answer.tool_calls:
+                parts.append({"message": message(tool_calls=answer.tool_calls)})
+        else:
+            parts += [{"response": t} for t in answer.content]
 
-        def final(content: str, load_s: float, eval_started: float) -> dict[str, Any]:
-            obj = piece(content)
-            obj.update(done=True, done_reason=done_reason)
+        def piece(fields: dict[str, Any], *, done: bool = False) -> dict[str, Any]:
+            fields = dict(fields)
+            probs = fields.pop("logprobs", None)  # after done and done_reason, as Go orders it
+            obj = {**head, "created_at": go_time(), **fields, "done": done}
+            if done:
+                obj["done_reason"] = done_reason
+            if probs:
+                obj["logprobs"] = probs
+            return obj
+
+        def final(fields: dict[str, Any], load_s: float, eval_started: float) -> dict[str, Any]:
+            obj = piece(fields, done=True)
             if not chat:
-                obj["context"] = [1000 + i for i in range(prompt_count + len(tokens))]
+                obj["context"] = [1000 + i for i in range(prompt_count + answer.eval_count)]
             now = trio.current_time()
             obj.update(
                 total_duration=ns(now - started),
                 load_duration=ns(load_s),
                 prompt_eval_count=prompt_count,
                 prompt_eval_duration=prompt_count * 100_000,
-                eval_count=len(tokens),
+                eval_count=answer.eval_count,
                 eval_duration=ns(now - eval_started),
             )
             return obj
 
+        if chat:
+            whole = {
+                "message": message(
+                    content="".join(answer.content),
+                    thinking="".join(answer.thinking),
+                    tool_calls=answer.tool_calls,
+                ),
+                "logprobs": [
+                    p for t in answer.content for p in token_logprobs(req, t).get("logprobs", [])
+                ],
+            }
+            last: dict[str, Any] = {"message": message()}
+        else:
+            whole = {"response": "".join(answer.content)}
+            last = {"response": ""}
         started = trio.current_time()
         async with self.generation(tag) as outcome:
 
@@ -250,12 +342,17 @@ class OllamaEmulator(OllamaModelStore):
                 if req.get("stream") is False:
                     await self.wait_hold(self.hold)
                     if self.token_delay_s > 0:
-                        await trio.sleep(self.token_delay_s * len(tokens))
+                        await trio.sleep(self.token_delay_s * len(parts))
                     done()
-                    await self._json(exchange, 200, final("".join(tokens), load_s, eval_started))
+                    await self._json(exchange, 200, final(whole, load_s, eval_started))
                 else:
                     await self._stream(
-                        exchange, tokens, piece, lambda: final("", load_s, eval_started), done
+                        exchange,
+                        parts,
+                        last,
+                        piece,
+                        lambda: final(last, load_s, eval_started),
+                        done,
                     )
             finally:
                 self._unload_if_zero(model, keep_alive)
@@ -263,8 +360,9 @@ class OllamaEmulator(OllamaModelStore):
     async def _stream(
         self,
         exchange: Exchange,
-        tokens: list[str],
-        piece: Callable[[str], dict[str, Any]],
+        parts: list[dict[str, Any]],
+        blank: dict[str, Any],
+        piece: Callable[[dict[str, Any]], dict[str, Any]],
         final: Callable[[], dict[str, Any]],
         done: Callable[[], None],
     ) -> None:
@@ -286,18 +384,18 @@ class OllamaEmulator(OllamaModelStore):
 
         overlong = self.overlong_bytes(exchange)
         if overlong is not None:
-            line = piece("")
+            line = piece(json.loads(json.dumps(blank)))
             filler = "x" * max(overlong - len(dump(line)), 0)
             if "message" in line:
                 line["message"]["content"] = filler
             else:
                 line["response"] = filler
             await emit(line)
-        for index, token in enumerate(tokens):
-            await emit(piece(token))
+        for index, part in enumerate(parts):
+            await emit(piece(part))
             if index == 0:
                 await self.wait_hold(self.hold)
-        if not tokens:
+        if not parts:
             await self.wait_hold(self.hold)
         await emit(None)
         await exchange.end_stream()

@@ -14,7 +14,9 @@ from typing import Any
 
 import trio
 
+from . import openai_protocols as protocols
 from .http import EmulatorBase, Exchange, GenerationOutcome
+from .ollama_script import schema_instance
 from .wire import split_tokens
 
 JSON = "application/json"
@@ -56,15 +58,21 @@ class OpenAIEmulator(EmulatorBase):
         models: Sequence[str] = ("openai/gpt-4o-mini", "moonshot/kimi-k2"),
         reply: str = "Hello from the emulator.",
         token_delay_s: float = 0.0,
+        serves_responses: bool = False,
+        serves_messages: bool = False,
     ) -> None:
         super().__init__()
         self.api_key = api_key
         self.models = list(models)
         self.reply = reply
         self.token_delay_s = token_delay_s
+        # Protocols besides Chat Completions (openai_protocols.py), off unless switched on:
+        self.serves_responses = serves_responses
+        self.serves_messages = serves_messages
+        self.tool_calls: dict[str, dict[str, Any]] = {}  # tool name -> arguments to call it with
 
     def is_generation_path(self, path: str) -> bool:
-        return path.endswith("/chat/completions")
+        return path.endswith(("/chat/completions", "/responses", "/messages"))
 
     def is_embed_path(self, path: str) -> bool:
         return path.endswith("/embeddings")
@@ -94,6 +102,10 @@ class OpenAIEmulator(EmulatorBase):
         return [("x-request-id", f"req_{secrets.token_hex(16)}")]
 
     async def handle(self, exchange: Exchange) -> None:
+        path, method = exchange.path, exchange.method
+        if self.serves_messages and method == "POST" and path.endswith("/messages"):
+            await protocols.messages(self, exchange)  # Anthropic's own key header and errors
+            return
         auth = exchange.header("authorization") or ""
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             message = (
@@ -110,9 +122,10 @@ class OpenAIEmulator(EmulatorBase):
             body = error_json(message, "invalid_request_error", code="invalid_api_key")
             await self._error(exchange, 401, body)
             return
-        path, method = exchange.path, exchange.method
         if method == "POST" and path.endswith("/chat/completions"):
             await self._completions(exchange)
+        elif self.serves_responses and method == "POST" and path.endswith("/responses"):
+            await self._responses(exchange)
         elif method == "GET" and path.endswith("/models"):
             data = [self._model_object(m) for m in self.models]
             body = json.dumps({"object": "list", "data": data}, indent=2).encode()
@@ -128,6 +141,13 @@ class OpenAIEmulator(EmulatorBase):
             message = f"Invalid URL ({method} {path})"
             await self._error(exchange, 404, error_json(message, "invalid_request_error"))
 
+    async def _responses(self, exchange: Exchange) -> None:
+        req, status, error = self._validate(exchange.request.body, needs="input")
+        if error is not None:
+            await self._error(exchange, status, error)
+            return
+        await protocols.responses(self, exchange, req)
+
     def _model_object(self, model_id: str) -> dict[str, Any]:
         owner = model_id.split("/", 1)[0] if "/" in model_id else "openai"
         return {"id": model_id, "object": "model", "created": 1715367049, "owned_by": owner}
@@ -136,7 +156,9 @@ class OpenAIEmulator(EmulatorBase):
         message = f"The model `{model}` does not exist or you do not have access to it."
         return error_json(message, "invalid_request_error", code="model_not_found")
 
-    def _validate(self, body: bytes) -> tuple[dict[str, Any], int, bytes | None]:
+    def _validate(
+        self, body: bytes, needs: str = "messages"
+    ) -> tuple[dict[str, Any], int, bytes | None]:
         """The request, or the status and error body OpenAI would answer with."""
         try:
             req = json.loads(body)
@@ -149,7 +171,7 @@ class OpenAIEmulator(EmulatorBase):
                 "payload, but what was sent was not valid JSON.)"
             )
             return {}, 400, error_json(message, "invalid_request_error")
-        model, messages = req.get("model"), req.get("messages")
+        model, messages = req.get("model"), req.get(needs)
         if not isinstance(model, str) or not model:
             return (
                 req,
@@ -157,15 +179,15 @@ class OpenAIEmulator(EmulatorBase):
                 error_json("you must provide a model parameter", "invalid_request_error"),
             )
         if messages is None:
-            message = "Missing required parameter: 'messages'."
+            message = f"Missing required parameter: '{needs}'."
             err = error_json(
                 message,
                 "invalid_request_error",
-                param="messages",
+                param=needs,
                 code="missing_required_parameter",
             )
             return req, 400, err
-        if not isinstance(messages, list) or not messages:
+        if needs == "messages" and (not isinstance(messages, list) or not messages):
             message = (
                 "Invalid 'messages': empty array. Expected an array with minimum length 1, "
                 "but got an empty array instead."
@@ -190,16 +212,24 @@ class OpenAIEmulator(EmulatorBase):
         prompt_tokens = max(1, sum(len(message_text(m.get("content")).split()) for m in messages))
         text = self.reply
         response_format = req.get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type") in (
-            "json_object",
-            "json_schema",
-        ):
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        schema = (response_format or {}).get("json_schema") if kind == "json_schema" else None
+        if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+            text = json.dumps(schema_instance(schema["schema"], self.reply))
+        elif kind in ("json_object", "json_schema"):
             text = json.dumps({"answer": self.reply})
         tokens = split_tokens(text)
         finish_reason = "stop"
         limit = req.get("max_completion_tokens", req.get("max_tokens"))
         if isinstance(limit, int) and not isinstance(limit, bool) and 0 <= limit < len(tokens):
             tokens, finish_reason = tokens[:limit], "length"
+        call = self._tool_call(req, messages)
+        if call is not None:
+            arguments = call["function"]["arguments"]
+            tokens, finish_reason = (
+                [arguments[i : i + 8] for i in range(0, len(arguments), 8)],
+                "tool_calls",
+            )
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(tokens),
@@ -224,14 +254,18 @@ class OpenAIEmulator(EmulatorBase):
                     finish_reason,
                     usage if include_usage else None,
                     zero,
+                    call,
                 )
             else:
                 await self.wait_hold(self.hold)
                 if self.token_delay_s > 0:
                     await trio.sleep(self.token_delay_s * len(tokens))
+                message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
+                if call is not None:
+                    message.update(content=None, tool_calls=[call])
                 choice = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -246,6 +280,23 @@ class OpenAIEmulator(EmulatorBase):
                     200, json.dumps(body, indent=2).encode(), content_type=JSON, headers=self._ids()
                 )
 
+    def _tool_call(
+        self, req: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """A call to the first scripted tool the request offers, unless a tool just answered."""
+        offered = [
+            t["function"].get("name")
+            for t in req.get("tools") or []
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        ]
+        name = next((n for n in offered if n in self.tool_calls), None)
+        if name is None or (messages and messages[-1].get("role") == "tool"):
+            return None
+        arguments = json.dumps(self.tool_calls[name])
+        call_id = "call_" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y")[:24]
+        function = {"name": name, "arguments": arguments}
+        return {"id": call_id, "type": "function", "function": function}
+
     async def _stream(
         self,
         outcome: GenerationOutcome,
@@ -255,6 +306,7 @@ class OpenAIEmulator(EmulatorBase):
         finish_reason: str,
         usage: dict[str, int] | None,
         zero: bool,
+        call: dict[str, Any] | None = None,
     ) -> None:
         await exchange.start_stream(
             200, content_type=SSE, headers=self._ids(), faulty=self.fault_applies(exchange.path)
@@ -285,14 +337,22 @@ class OpenAIEmulator(EmulatorBase):
         if zero:
             await emit(encode({**base, "choices": [], **({"usage": usage} if usage else {})}))
         else:
-            first = {"role": "assistant", "content": ""}
+            first: dict[str, Any] = {"role": "assistant", "content": ""}
+            if call is not None:  # OpenAI: the call's id and name first, then its arguments
+                function = {"name": call["function"]["name"], "arguments": ""}
+                opening = {"index": 0, "id": call["id"], "type": "function", "function": function}
+                first = {"role": "assistant", "content": None, "tool_calls": [opening]}
             overlong = self.overlong_bytes(exchange)
             if overlong is not None:
                 pad = overlong - len(f"data: {encode(chunk(first))}".encode())
                 first = {"role": "assistant", "content": "x" * max(pad, 0)}
             await emit(encode(chunk(first)))
             for index, token in enumerate(tokens):
-                await emit(encode(chunk({"content": token})))
+                if call is not None:
+                    piece = {"index": 0, "function": {"arguments": token}}
+                    await emit(encode(chunk({"tool_calls": [piece]})))
+                else:
+                    await emit(encode(chunk({"content": token})))
                 if index == 0:
                     await self.wait_hold(self.hold)
             if not tokens:

@@ -148,3 +148,25 @@ class OllamaModel:
             "digest": self.digest,
             "details": self.details(),
         }
+
+
+def _go_values(obj: object) -> object:
+    """Floats as Go's encoding/json prints them: integral values without a fraction."""
+    if isinstance(obj, float) and obj.is_integer() and abs(obj) < 1e21:
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: _go_values(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_go_values(v) for v in obj]
+    return obj
+
+
+def go_json(obj: object, *, sort_keys: bool = False) -> bytes:
+    """JSON as Go's json.Marshal writes it: compact, HTML characters escaped, integral
+    floats bare; ``sort_keys`` for a Go map (encoding/json sorts map keys)."""
+    text = json.dumps(
+        _go_values(obj), separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys
+    )
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escaped)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
