@@ -232,3 +232,21 @@ async def test_a_restart_does_not_reset_the_day(
     assert (
         await next_day.client.post("/v1/chat", json=chat(CLOUD), headers=bearer(ALICE))
     ).is_success
+
+
+async def test_the_cap_holds_on_the_anthropic_route_in_its_own_shape(
+    start_gateway: StartGateway, ollama: OllamaEmulator, nursery: trio.Nursery
+) -> None:
+    openrouter = OpenAIEmulator(api_key="sk-openrouter-budget", serves_messages=True)
+    await nursery.start(openrouter.run)
+    clock = WallClock(MIDNIGHT + 60.0)
+    gw = await capped_gateway(start_gateway, ollama, openrouter, clock, cloud_requests_per_day=1)
+    body = {**chat(CLOUD), "max_tokens": 16}
+    first = await gw.client.post("/v1/messages", json=body, headers=bearer(ALICE))
+    assert first.status_code == 200, first.text
+    sent_upstream = len(openrouter.requests)
+    refused = await gw.client.post("/v1/messages", json=body, headers=bearer(ALICE))
+    assert refused.status_code == 429
+    assert refused.json()["type"] == "error"
+    assert "resets at 00:00 UTC" in refused.json()["error"]["message"]
+    assert len(openrouter.requests) == sent_upstream
