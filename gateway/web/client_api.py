@@ -5,7 +5,7 @@ Messages `/v1/messages`, as raw ASGI (ADR 0005, 0018).
 The model name routes as on `/v1/chat` (`providers.registry.resolve`). A local model is
 checked against the inventory (404 in the route's own shape), then the body goes to the
 same path on the Ollama host as received, under the chat gate for generation, through
-the Ollama passthrough's `_Forward`; a cloud model goes to its provider's endpoint for
+the Ollama passthrough's `Forward`; a cloud model goes to its provider's endpoint for
 that protocol with the provider's key, never through the gate. The one rewrite is
 `model`, when the name carried a prefix or a cloud tag the upstream does not know.
 """
@@ -31,7 +31,7 @@ from gateway.web.asgi import (
     run_tracked,
 )
 from gateway.web.cloud_relay import relay_cloud
-from gateway.web.ollama_api import _Forward, parse_routing
+from gateway.web.ollama_api import Forward, parse_routing
 from gateway.web.shapes import responder_for
 
 # The client's headers a protocol needs upstream (never its credentials).
@@ -96,7 +96,7 @@ class ClientAPIRoutes:
         await self._s.inventory.require_model(model)
         if model != name:
             body = with_model(body, model)
-        forward = _Forward(
+        forward = Forward(
             self._s,
             "POST",
             protocol.path + _query(scope),

@@ -170,7 +170,7 @@ class OllamaProxy:
         content_type = header(scope, b"content-type") or b"application/json"
         record = record_of(scope)
         record.provider = "ollama"
-        forward = _Forward(
+        forward = Forward(
             self._s, method, upstream_path, body or None, content_type, responder, record
         )
 
@@ -255,7 +255,7 @@ class OllamaProxy:
         await run_tracked(self._s.drain, scope, receive, responder, work)
 
 
-class _Forward:
+class Forward:
     """One request's upstream work, in the variants the routes need."""
 
     def __init__(
