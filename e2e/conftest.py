@@ -360,6 +360,8 @@ def gateway_config(ollama_url: str, openrouter_url: str) -> Config:
                 "idle_timeout_s": 120.0,
             },
             "providers": providers,
+            # No usage ledger: the tier must not write into the user's state directory.
+            "usage": {"path": ""},
         },
         source="e2e config",
     )
