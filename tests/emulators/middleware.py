@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from .http import Exchange, Header
+from .wire import decode_go_json
 
 SSE = "text/event-stream"
 JSON = "application/json"
@@ -27,22 +28,7 @@ JSON = "application/json"
 
 def go_bind(body: bytes, type_name: str) -> tuple[dict[str, Any], str | None]:
     """Decode a body as gin's ShouldBindJSON into a Go struct would, with its error text."""
-    if not body.strip():
-        return {}, "EOF"
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        text = body.decode("utf-8", "replace")
-        pos = getattr(exc, "pos", 0)
-        if pos >= len(text.rstrip()):
-            return {}, "unexpected EOF"
-        return {}, f"invalid character '{text[pos]}' looking for beginning of value"
-    if value is None:
-        return {}, None
-    if not isinstance(value, dict):
-        kind = {list: "array", str: "string", bool: "bool"}.get(type(value), "number")
-        return {}, f"json: cannot unmarshal {kind} into Go value of type {type_name}"
-    return value, None
+    return decode_go_json(body, type_name, empty="EOF", package="")
 
 
 def field_error(req: dict[str, Any], type_name: str, fields: dict[str, type]) -> str | None:

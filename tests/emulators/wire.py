@@ -63,10 +63,13 @@ def parse_keep_alive(value: object) -> float | None:
     return math.inf if value.startswith("-") and total > 0 else total
 
 
-def decode_go_json(body: bytes, type_name: str) -> tuple[dict[str, Any], str | None]:
-    """Decode a request body; the error text is what gin's ShouldBindJSON would say."""
+def decode_go_json(
+    body: bytes, type_name: str, *, empty: str = "missing request body", package: str = "api."
+) -> tuple[dict[str, Any], str | None]:
+    """Decode a request body; the error text is what gin's ShouldBindJSON would say (an
+    empty body is `empty`: Ollama's native handlers check it first, gin itself says EOF)."""
     if not body.strip():
-        return {}, "missing request body"
+        return {}, empty
     try:
         value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -79,7 +82,7 @@ def decode_go_json(body: bytes, type_name: str) -> tuple[dict[str, Any], str | N
         return {}, None
     if not isinstance(value, dict):
         kind = {list: "array", str: "string", bool: "bool"}.get(type(value), "number")
-        return {}, f"json: cannot unmarshal {kind} into Go value of type api.{type_name}"
+        return {}, f"json: cannot unmarshal {kind} into Go value of type {package}{type_name}"
     return value, None
 
 
