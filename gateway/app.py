@@ -22,6 +22,8 @@ from gateway.providers.local import LocalOllama
 from gateway.providers.registry import build_registry
 from gateway.server import hypercorn_config, serve_http
 from gateway.services import Services
+from gateway.status.board import StatusBoard
+from gateway.status.tally import ProviderTally
 from gateway.target.client import TargetClient, make_target_pool
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
@@ -90,6 +92,15 @@ async def serve(
             max_db_bytes=config.usage.max_db_bytes,
             clock=clock,
         )
+        registry = build_registry(config, environ, provider_http, local)
+        status = StatusBoard(
+            ProviderTally(
+                frozenset(api.http.name for api in registry.client_apis()),
+                {api.http.name: api.http.scrub for api in registry.client_apis()},
+            ),
+            show_client_names=config.status.show_client_names,
+            wall=clock,
+        )
         services = Services(
             config=config,
             target=target,
@@ -97,11 +108,12 @@ async def serve(
             gate=gate,
             drain=Drain(on_drain=[gate.refuse_waiters]),
             warmer=warmer,
-            registry=build_registry(config, environ, provider_http, local),
+            registry=registry,
             auth=auth,
             metrics=Metrics(gate, inventory, warmer, ledger=ledger, clients=config.clients),
             ledger=ledger,
             budgets=Budgets(config, clock=clock),
+            status=status,
         )
         hyper = hypercorn_config(
             config.bind,
@@ -115,6 +127,7 @@ async def serve(
             await nursery.start(target_pool.run)
             await nursery.start(inventory.run)
             await nursery.start(ledger.run)
+            await nursery.start(status.sampler(services).run)
             # Today's cloud use so far, so that a restart does not reset the budgets' day.
             since = services.budgets.day_start()
             services.budgets.load(await ledger.cloud_totals(since), since)

@@ -16,6 +16,9 @@ from gateway.config import AuthConfig, ConfigError
 from gateway.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/health"})
+# The status page checks its own callers (a bearer header or its login cookie), so that a
+# browser without a token gets the login form rather than a JSON 401 (ADR 0021).
+SELF_CHECKED_PATHS = frozenset({"/status", "/status.json", "/status/login", "/status/logout"})
 
 
 def _parse(text: str, separator: str, source: str) -> dict[str, bytes]:
@@ -75,7 +78,7 @@ class Auth:
 
     def check(self, path: str, authorization: bytes | None, *, admin: bool) -> str:
         """The caller's token name ("" with auth off); raise 401/403 otherwise."""
-        if not self.enabled or path in OPEN_PATHS:
+        if not self.enabled or path in OPEN_PATHS or path in SELF_CHECKED_PATHS:
             return ""
         presented = b""
         if authorization is not None:
@@ -93,6 +96,13 @@ class Auth:
         if not name:
             raise Unauthorized("a valid bearer token is required")
         return name
+
+    def identify(self, presented: bytes) -> tuple[str, bool]:
+        """The name of the token `presented` and whether it is an admin token; ("", False)
+        when it is none (every token compared, each in constant time)."""
+        admin_name = _match(self._admin, presented)
+        name = _match(self._tokens, presented)
+        return (admin_name, True) if admin_name else (name, False)
 
 
 def _match(tokens: list[tuple[str, bytes]], presented: bytes) -> str:

@@ -204,6 +204,14 @@ class UsageConfig(_Section, frozen=True):
     max_db_bytes: Count = 0
 
 
+class StatusConfig(_Section, frozen=True):
+    """The live status page, `GET /status` (ADR 0021)."""
+
+    # False: a client token sees other clients under stable anonymous labels (its own
+    # name stays); admin tokens always see every name.
+    show_client_names: bool = True
+
+
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
@@ -226,6 +234,7 @@ class Config(_Section, frozen=True):
     clients: dict[str, ClientConfig] = msgspec.field(default_factory=dict)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    status: StatusConfig = msgspec.field(default_factory=StatusConfig)
 
     def client(self, name: str) -> ClientConfig:
         """A client's settings; one not configured gets the defaults."""

@@ -20,7 +20,7 @@ import itertools
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -67,6 +67,8 @@ class Holder:
     ask: Ask
     since: float
     loads: bool = False  # its model was not resident: Ollama loads it first
+    # The request holding the slot, for the status page's live figures (tokens so far).
+    record: RequestRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,8 @@ class ChatGate:
         """Hold the gate for one generation and note it in the request's record: the wait,
         how many were ahead, the GPU time held, and the load time Ollama reported."""
         async with self.hold(self.ask_for(record, model)) as grant:
+            holder = self._holders[grant.ticket]
+            self._holders[grant.ticket] = replace(holder, record=record)
             record.gate_wait_s = grant.waited_s
             record.gate_ahead = grant.ahead
             granted = trio.current_time()

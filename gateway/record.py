@@ -42,6 +42,9 @@ class RequestRecord:
     load_s: float | None = None  # Ollama's load_duration: a cold model load
     eval_rate: float | None = None  # tokens/s from Ollama's final frame
     bytes_out: int = 0
+    # Stream frames relayed so far (NDJSON lines, SSE events): the status page's live
+    # "tokens so far", one frame per token on a generation stream. Set per chunk, never decoded.
+    frames_out: int = 0
     error: str = ""
 
     @property

@@ -10,6 +10,7 @@ from gateway.drain import Drain
 from gateway.gate import ChatGate
 from gateway.metrics import Metrics
 from gateway.providers.registry import Registry
+from gateway.status.board import StatusBoard
 from gateway.target.client import TargetClient
 from gateway.target.inventory import Inventory
 from gateway.target.warmup import EmbedWarmer
@@ -29,3 +30,4 @@ class Services:
     metrics: Metrics
     ledger: Ledger
     budgets: Budgets
+    status: StatusBoard

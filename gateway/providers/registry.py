@@ -112,6 +112,10 @@ class Registry:
     def client_apis(self) -> list[ClientAPI]:
         return [self._client_apis[name] for name in ORDER if name in self._client_apis]
 
+    def missing_reason(self, name: str) -> str:
+        """Why provider `name` is not registered (the variable it misses), never a key."""
+        return self._missing.get(name, "it is not configured")
+
     def get(self, name: str) -> Provider | None:
         return self._providers.get(name)
 

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 from gateway.errors import GatewayError, error_body
 from gateway.record import record_of
 from gateway.services import Services
+from gateway.status import routes as status_routes
 from gateway.web import health, router_api, usage_api
 from gateway.web.asgi import Receive, Scope, Send
 from gateway.web.client_api import ClientAPIRoutes
@@ -64,6 +65,7 @@ def create_quart_app(services: Services) -> Quart:
     health.register(app, services)
     router_api.register(app, services)
     usage_api.register(app, services)
+    status_routes.register(app, services)
     return app
 
 

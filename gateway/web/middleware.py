@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from gateway.auth import SELF_CHECKED_PATHS as STATUS_ROUTES
 from gateway.errors import GatewayError
 from gateway.providers.protocols import MODELS_PATH, PROTOCOLS
 from gateway.record import SCOPE_KEY, RequestRecord, new_request_id
@@ -31,9 +32,11 @@ KNOWN_ROUTES = frozenset(
         "/v1/embeddings",
         "/v1/usage",
         MODELS_PATH,
+        *STATUS_ROUTES,
     }
 )
-QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+# Probes, scrapes and the status page's polls: not usage, and logged at debug level only.
+QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics", *STATUS_ROUTES})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 CLIENT_CLOSED = 499  # nginx's code for "the client left before the answer", for logs only
 
@@ -123,6 +126,7 @@ class Observed:
             record.status = CLIENT_CLOSED
         self._s.metrics.observe(record)
         self._s.budgets.note(record)
+        self._s.status.note(record)
         if path not in QUIET_ROUTES:  # probes and scrapes are not usage
             self._s.ledger.note(record, trio.current_time())
         level = logging.DEBUG if path in QUIET_ROUTES else logging.INFO

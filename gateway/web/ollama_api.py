@@ -395,12 +395,14 @@ class Forward:
         # generation's JSON answer is kept up to `_KEEP_BYTES`.
         ndjson = content_type.startswith(b"application/x-ndjson")
         frames = self.frames
-        kept: list[bytes] | None = [] if self._record.model and not ndjson else None
+        record = self._record
+        kept: list[bytes] | None = [] if record.model and not ndjson else None
         kept_bytes = 0
         try:
             async for chunk in upstream:
                 if ndjson:
                     frames.feed(chunk)
+                    record.frames_out = frames.lines  # live, for the status page
                 elif kept is not None and kept_bytes <= _KEEP_BYTES:
                     kept.append(chunk)
                     kept_bytes += len(chunk)
@@ -423,6 +425,8 @@ class Forward:
         try:
             async for chunk in upstream:
                 watch.feed(chunk)
+                # Live, for the status page: events so far (a C-speed scan of the chunk).
+                self._record.frames_out += chunk.count(b"\n\n")
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
             self._s.inventory.note_failure(exc)
