@@ -144,12 +144,12 @@
 
   function usageTable(id, rows, what) {
     const table = $(id);
-    table.replaceChildren(head([[what], ["requests", 1], ["input tokens", 1], ["output tokens", 1],
-      ["GPU-seconds", 1], ["cloud tokens"]]));
+    table.replaceChildren(head([[what], ["requests", 1], ["tokens in", 1], ["tokens out", 1],
+      ["GPU s", 1], ["cloud tokens"]]));
     const body = el("tbody");
     for (const r of rows) {
       const cloud = Object.entries(r.cloud_tokens).map(([p, n]) => p + " " + int(n)).join(", ") || "–";
-      body.appendChild(row([cell(r.name), cell(int(r.requests), "num"), cell(int(r.input_tokens), "num"),
+      body.appendChild(row([cell(r.name || "(none)"), cell(int(r.requests), "num"), cell(int(r.input_tokens), "num"),
         cell(int(r.output_tokens), "num"), cell(r.gpu_s.toFixed(1), "num"), cell(cloud)], "usage-row"));
     }
     if (!rows.length) body.appendChild(row([el("td", { colspan: "6", class: "empty", text: "no requests" })]));
