@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+import trustme
 
 from gateway.status.routes import COOKIE
 from tests.conftest import RunningGateway, StartGateway, eventually, make_config
@@ -279,3 +281,58 @@ async def test_cloud_figures_and_secrets_never_on_the_page(
         text = (await gw.client.get(path, headers=bearer(ADMIN))).text
         for secret in SECRETS:
             assert secret not in text, (path, secret)
+
+
+async def test_a_degraded_host_says_why_and_since_when(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    gw = await start_gateway(make_config(ollama.url))
+    await gw.services.inventory.refresh()
+    up = (await status_of(gw))["hosts"][0]
+    assert up["status"] == "up"
+    assert up["why"] is None
+    await ollama.set_down(True)
+    await gw.services.inventory.refresh()
+    # The sampler notes the change at its next sample (once a second).
+    await eventually(lambda: gw.services.status.history.since("local") != up["since"], timeout_s=3)
+    down = (await status_of(gw))["hosts"][0]
+    assert down["status"] == "degraded"
+    assert ollama.url.split("//")[1] in down["why"]
+    assert down["since"] >= up["since"]
+    assert "llama3:latest" in down["installed"]  # the last inventory is kept
+
+
+async def test_an_open_page_does_not_hold_the_shutdown(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    """A page polls on a keep-alive connection; nothing long-lived stays open, so the
+    gateway stops at once rather than after its grace period (2 s here)."""
+    gw = await start_gateway(make_config(ollama.url))
+    for _ in range(3):
+        assert (await gw.client.get("/status.json")).status_code == 200
+    gw.stop.set()
+    with trio.fail_after(1.0):
+        await gw.stopped.wait()
+
+
+async def test_the_login_cookie_is_secure_under_tls(
+    start_gateway: StartGateway, ollama: OllamaEmulator, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    gw = await start_gateway(
+        make_config(ollama.url, tls={"certfile": str(certfile), "keyfile": str(keyfile)}),
+        environ=TOKENS,
+    )
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with httpx.AsyncClient(base_url=gw.url, verify=context) as browser:
+        with trio.fail_after(10):
+            good = await browser.post("/status/login", data={"token": BOB})
+            assert good.status_code == 303
+            assert "Secure" in good.headers["set-cookie"]
+            polled = await browser.get("/status.json")
+    assert polled.json()["viewer"] == "bob"
