@@ -259,6 +259,20 @@ async def test_page_follows_the_gpu_and_the_usage_live(
     await in_browser(
         lambda: wait_for("an idle GPU again", lambda: "idle" in text_of("table.generations"))
     )
+    # A model name is whatever a client sent (the ledger keeps it even for a 404): the page
+    # shows it as text, never as markup.
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    response = await gw.client.post(
+        "/api/chat",
+        json={"model": hostile, "messages": []},
+        headers={"authorization": "Bearer tok-carol-browser"},
+    )
+    assert response.status_code == 404
+    await in_browser(
+        lambda: wait_for("the hostile name as text", lambda: hostile in text_of("table.usage"))
+    )
+    assert await in_browser(lambda: driver.execute_script("return document.images.length")) == 0
+    assert await in_browser(lambda: driver.title) == "Gateway status"
     if os.environ.get("GATEWAY_SCREENSHOT") == "1" or not SCREENSHOT.exists():
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(tmp_path / "status.png", SCREENSHOT)

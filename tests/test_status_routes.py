@@ -14,7 +14,9 @@ import httpx
 import trio
 import trustme
 
+from gateway.gate import Ask
 from gateway.status.routes import COOKIE
+from gateway.status.snapshot import QUEUE_SHOWN
 from tests.conftest import RunningGateway, StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator, OpenAIEmulator
 from tests.emulators.http import Faults
@@ -336,3 +338,24 @@ async def test_the_login_cookie_is_secure_under_tls(
             assert "Secure" in good.headers["set-cookie"]
             polled = await browser.get("/status.json")
     assert polled.json()["viewer"] == "bob"
+
+
+async def test_a_long_queue_is_counted_whole_and_listed_in_part(gateway: RunningGateway) -> None:
+    gate = gateway.services.gate
+    release = trio.Event()
+
+    async def hold(n: int) -> None:
+        async with gate.hold(Ask(f"c{n}", "llama3:latest")):
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(QUEUE_SHOWN + 6):  # one holder, the rest queued
+            nursery.start_soon(hold, n)
+        await eventually(lambda: gate.queued == QUEUE_SHOWN + 5)
+        (host,) = (await status_of(gateway))["hosts"]
+        assert host["queued"] == QUEUE_SHOWN + 5
+        assert len(host["queue"]) == QUEUE_SHOWN
+        # The first to arrive, in arrival order.
+        arrived = [w.ask.client for w in gate.figures().waiters]
+        assert [w["client"] for w in host["queue"]] == arrived[:QUEUE_SHOWN]
+        release.set()

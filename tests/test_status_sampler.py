@@ -72,6 +72,7 @@ async def test_sampler_samples_at_start_then_every_second(autojump_clock: trio.a
                     loads=False,
                 )
             ],
+            queued=3,
             queue=[Waiting(client="b", model="m", priority="normal", waited_s=0.0, starts_in_s=1.0)]
             * 3,
         )

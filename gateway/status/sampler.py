@@ -93,7 +93,7 @@ class Sampler:
         wall = self._wall()
         for view in self._views(now):
             busy = len(view.generations) / max(1, view.capacity)
-            self.history.note(view.name, view.status, len(view.queue), busy, now, wall)
+            self.history.note(view.name, view.status, view.queued, busy, now, wall)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample at once (the page's "since" starts here), then every `SAMPLE_S`."""

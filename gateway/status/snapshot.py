@@ -60,6 +60,7 @@ class HostView(_View):
     capacity: int = 1
     max_queue: int = 0
     generations: list[Generation] = msgspec.field(default_factory=list)
+    queued: int = 0  # all waiters; `queue` lists the first `QUEUE_SHOWN` of them
     queue: list[Waiting] = msgspec.field(default_factory=list)
 
 
@@ -119,6 +120,8 @@ def iso(t: float) -> str:
 
 # ---------------------------------------------------------------------- hosts
 
+QUEUE_SHOWN = 50  # a page polled twice a second stays small with 1,000 waiters
+
 
 def gate_lists(figures: GateFigures, now: float) -> tuple[list[Generation], list[Waiting]]:
     """The gate's holders and waiters as the page shows them (`now` on the trio clock)."""
@@ -175,7 +178,8 @@ def host_views(services: Services, now: float) -> list[HostView]:
             capacity=figures.capacity,
             max_queue=figures.max_queue,
             generations=generations,
-            queue=queue,
+            queued=len(queue),
+            queue=queue[:QUEUE_SHOWN],
         )
     ]
 

@@ -80,14 +80,16 @@
     const qbody = el("tbody");
     host.queue.forEach((w, i) => qbody.appendChild(row([cell(i + 1, "num"), cell(w.client), cell(w.model),
       cell(w.priority), cell(secs(w.waited_s), "num"), cell("~" + secs(w.starts_in_s), "num")], "waiting")));
-    if (!host.queue.length) qbody.appendChild(row([el("td", { colspan: "6", class: "empty", text: "nobody waits" })]));
+    if (host.queued > host.queue.length) qbody.appendChild(row([el("td", { colspan: "6", class: "empty",
+      text: "and " + (host.queued - host.queue.length) + " more" })]));
+    if (!host.queued) qbody.appendChild(row([el("td", { colspan: "6", class: "empty", text: "nobody waits" })]));
     queue.appendChild(qbody);
 
     return el("div", { class: "card host", "data-host": host.name }, [
       title, since, why, models,
       el("h3", { text: "Generating now (" + host.generations.length + " of " + host.capacity + ")" }),
       el("div", { class: "scroll" }, [gens]),
-      el("h3", { text: "Queue (" + host.queue.length + ", at most " + host.max_queue + ")" }),
+      el("h3", { text: "Queue (" + host.queued + ", at most " + host.max_queue + ")" }),
       el("div", { class: "scroll" }, [queue]),
       el("h3", { text: "Last hour: queue length and GPU busy" }),
       historyChart(history),
