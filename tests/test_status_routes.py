@@ -4,6 +4,7 @@ shows (tokens, keys, other clients' names when hidden)."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import ssl
@@ -176,7 +177,7 @@ async def test_browser_without_token_gets_the_login_form(
 
 
 async def test_login_sets_a_strict_cookie_and_logout_clears_it(
-    start_gateway: StartGateway, ollama: OllamaEmulator
+    start_gateway: StartGateway, ollama: OllamaEmulator, all_logs: io.StringIO
 ) -> None:
     gw = await start_gateway(make_config(ollama.url), environ=TOKENS)
     async with httpx.AsyncClient(base_url=gw.url, trust_env=False) as browser:
@@ -184,6 +185,9 @@ async def test_login_sets_a_strict_cookie_and_logout_clears_it(
         assert bad.status_code == 401
         assert "That token is not valid." in bad.text
         assert COOKIE not in browser.cookies
+        refused = [json.loads(line) for line in all_logs.getvalue().splitlines()]
+        assert any("a login with a token that is not valid" in r["msg"] for r in refused)
+        assert "guess" not in all_logs.getvalue()
 
         good = await browser.post("/status/login", data={"token": ALICE})
         assert good.status_code == 303

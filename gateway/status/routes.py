@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import html
+import logging
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ from gateway.errors import error_body
 
 if TYPE_CHECKING:
     from gateway.services import Services
+
+log = logging.getLogger("gateway.status")
 
 COOKIE = "gateway_status"
 COOKIE_MAX_AGE_S = 30 * 86400
@@ -145,6 +148,9 @@ def register(app: Quart, services: Services) -> None:
         if auth.enabled:
             name, _ = auth.identify(token)
             if not name:
+                # The status routes are quiet in the access log: a refused login is said here.
+                client = (request.scope.get("client") or ("?", 0))[0]
+                log.warning("status page: a login with a token that is not valid, from %s", client)
                 return login_form("That token is not valid.")
         response = Response("", status=303, headers={"Location": "/status"})
         if auth.enabled:
