@@ -363,3 +363,23 @@ async def test_a_long_queue_is_counted_whole_and_listed_in_part(gateway: Running
         arrived = [w.ask.client for w in gate.figures().waiters]
         assert [w["client"] for w in host["queue"]] == arrived[:QUEUE_SHOWN]
         release.set()
+
+
+async def test_hidden_names_without_auth_hide_every_name(
+    start_gateway: StartGateway, ollama: OllamaEmulator, tmp_path: Path
+) -> None:
+    """With auth off nobody has a name of their own: every client (an address) is a label."""
+    gw = await start_gateway(
+        make_config(
+            ollama.url,
+            usage={"path": str(tmp_path / "usage.db")},
+            status={"show_client_names": False},
+        )
+    )
+    assert (await gw.client.post("/api/chat", json=chat("hi"))).status_code == 200
+    await eventually(lambda: gw.services.ledger.written >= 1)
+    body = await status_of(gw)
+    assert body["viewer"] == ""
+    (row,) = body["usage"]["clients_today"]
+    assert re.fullmatch(r"client-[0-9a-f]{6}", row["name"])
+    assert "127.0.0.1" not in json.dumps(body["usage"])
