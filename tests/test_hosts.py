@@ -134,9 +134,9 @@ async def test_no_swap_to_an_idle_host_when_the_resident_host_starts_it_sooner(
     warm.hold = trio.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as clients:
-            for tag in ("one", "two", "three"):
+            for n, tag in enumerate(("one", "two", "three")):
                 clients.start_soon(post_chat, gw, tag)
-                await eventually(lambda: gate_warm.busy + gate_warm.queued >= 1)
+                await eventually(lambda n=n: gate_warm.busy + gate_warm.queued == n + 1)
             await eventually(lambda: gate_warm.queued == 2)
             assert gate_idle.queued == 0  # never offered to the host that would swap
             warm.hold.set()
