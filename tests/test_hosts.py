@@ -4,7 +4,9 @@ emulators on port 0; which host runs what is counted at each emulator."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -320,3 +322,53 @@ async def test_embeddings_go_ungated_to_the_host_with_the_embedder_resident(
             b.hold.set()
     assert len(b.requests_to("/api/embed")) == 3
     assert a.requests_to("/api/embed") == []
+
+
+async def test_every_generation_route_is_placed_and_the_ledger_names_the_host(
+    start_gateway: StartGateway, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA, QWEN], loaded=[QWEN])
+    path = tmp_path / "usage.db"
+    gw = await start_hosts(start_gateway, {"a": a, "b": b}, usage={"path": str(path)})
+    with trio.fail_after(10):
+        routed = await gw.client.post(
+            "/v1/chat", json={"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "r"}]}
+        )
+        openai = await gw.client.post(
+            "/v1/chat/completions",
+            json={"model": "qwen2.5:7b", "messages": [{"role": "user", "content": "o"}]},
+        )
+        generate = await gw.client.post(
+            "/api/generate", json={"model": "llama3", "prompt": "g", "stream": False}
+        )
+    assert (routed.status_code, openai.status_code, generate.status_code) == (200, 200, 200)
+    assert chats(b) == ["r"]
+    assert len(b.requests_to("/v1/chat/completions")) == 1
+    assert len(a.requests_to("/api/generate")) == 1  # llama3 resident nowhere: a, first
+    await eventually(lambda: gw.services.ledger.written >= 3)
+    with sqlite3.connect(path) as conn:
+        hosts = [row[0] for row in conn.execute("SELECT host FROM requests ORDER BY id")]
+    conn.close()
+    assert hosts == ["b", "b", "a"]
+
+
+async def test_the_router_retries_on_another_host_only_when_the_connection_was_refused(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    a = await emulator(nursery, [LLAMA], loaded=[LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    body = {"model": "llama3", "messages": [{"role": "user", "content": "r"}]}
+    await a.set_down(True)
+    with trio.fail_after(5):
+        response = await gw.client.post("/v1/chat", json=body)
+    assert response.status_code == 200
+    assert chats(b) == ["r"]
+    # An upstream that failed after it got the request is not asked again elsewhere.
+    b.faults.status = 500
+    with trio.fail_after(5):
+        response = await gw.client.post("/v1/chat", json=body)
+    assert response.status_code == 502
+    assert len(chats(b)) == 2
+    assert chats(a) == []
