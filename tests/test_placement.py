@@ -138,6 +138,36 @@ async def test_a_nudged_claim_moves_to_the_gates_placement_gives_now() -> None:
     assert ran == [b]
 
 
+async def test_a_claim_moved_to_an_idle_gate_is_granted_there_at_once() -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    candidates = [a]
+    release_a = trio.Event()
+    ran: list[ChatGate] = []
+
+    async def placed() -> None:
+        async with hold_first(lambda: list(candidates), Ask("y", "m"), watch=claims) as bound:
+            ran.append(bound[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release_a)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(placed)
+        await trio.testing.wait_all_tasks_blocked()
+        candidates[:] = [b]  # a went down; b is idle
+        for claim in claims:
+            claim.nudge()
+        await trio.testing.wait_all_tasks_blocked()
+        assert ran == [b]
+        assert a.queued == 0
+        release_a.set()
+
+
+async def _hold(gate: ChatGate, until: trio.Event) -> None:
+    async with gate.hold(Ask("x", "m")):
+        await until.wait()
+
+
 requests_strategy = st.lists(
     st.tuples(
         st.sets(st.integers(0, 2), min_size=1),  # the gates the request queues at
