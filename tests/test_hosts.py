@@ -61,6 +61,10 @@ async def test_a_single_url_is_one_host_named_default_as_before(
     assert [h.name for h in hosts] == [DEFAULT_HOST]
     assert gateway.services.gate is hosts.first.gate
     health = (await gateway.client.get("/health")).json()
+    assert list(health) == [
+        *("status", "degraded", "draining", "target", "last_good_poll", "inventory_age_s"),
+        *("last_error", "poll_failures", "models", "loaded", "gate", "in_flight", "hosts"),
+    ]
     assert health["target"] == ollama.url
     assert health["gate"]["capacity"] == 1
     assert health["hosts"][DEFAULT_HOST]["target"] == ollama.url
