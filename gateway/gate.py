@@ -200,6 +200,10 @@ class ChatGate:
     def busy(self) -> int:
         return len(self._holders)
 
+    @property
+    def granted_total(self) -> int:
+        return self._granted_total
+
     def queued_by_priority(self) -> dict[str, int]:
         counts = dict.fromkeys(schedule.PRIORITY_NAMES, 0)
         for entry in self._queue.values():

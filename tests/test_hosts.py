@@ -286,6 +286,8 @@ async def test_health_and_metrics_per_host(
     assert 'gateway_gate_capacity{host="b"} 1.0' in text
     assert 'gateway_inventory_models{host="b"} 2.0' in text
     assert 'gateway_gate_wait_seconds_count{host="b"} 1.0' in text
+    assert 'gateway_gate_grants_total{host="a"} 0.0' in text
+    assert 'gateway_gate_grants_total{host="b"} 1.0' in text
 
 
 async def test_management_routes_need_a_host_when_there_are_several(

@@ -220,3 +220,59 @@ def test_no_request_is_ever_granted_twice(
         assert sum(g.figures().granted_total for g in gates) == len(requests) - len(left)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests_strategy,
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2)), max_size=6),
+)
+def test_no_request_runs_twice_while_hosts_go_down_and_come_back(
+    requests: list[tuple[set[int], int, int, bool]], toggles: list[tuple[int, int]]
+) -> None:
+    """As above, with gates leaving and re-entering placement at any time (a host going
+    down, coming back) and every waiting claim nudged each time, as the hosts layer does:
+    still each request runs at most once, exactly once unless it left."""
+
+    async def main() -> None:
+        gates = [ChatGate(1) for _ in range(3)]
+        down: set[int] = set()
+        claims: set[Claim] = set()
+        runs: dict[int, int] = {}
+        left: set[int] = set()
+        placed: set[int] = set()
+
+        async def one(i: int, where: set[int], at: int, hold: int, leaves: bool) -> None:
+            await trio.sleep(at)
+
+            def place() -> list[ChatGate]:
+                return [gates[g] for g in sorted(where) if g not in down]
+
+            if not place():
+                return  # no candidate: the route answers 503 before queueing
+            placed.add(i)
+            with trio.move_on_after(0.5 + hold if leaves else 1e9) as scope:
+                async with hold_first(place, Ask(str(i), "m"), watch=claims):
+                    runs[i] = runs.get(i, 0) + 1
+                    scope.deadline = float("inf")
+                    await trio.sleep(hold)
+            if scope.cancelled_caught:
+                left.add(i)
+
+        async def toggle(at: int, gate: int) -> None:
+            await trio.sleep(at + 0.25)
+            down.symmetric_difference_update({gate})
+            for claim in list(claims):
+                claim.nudge()
+
+        async with trio.open_nursery() as nursery:
+            for at, gate in toggles:
+                nursery.start_soon(toggle, at, gate)
+            for i, (where, at, hold, leaves) in enumerate(requests):
+                nursery.start_soon(one, i, where, at, hold, leaves)
+        assert runs == dict.fromkeys(placed - left, 1), (runs, placed, left)
+        assert all(g.queued == 0 and g.busy == 0 for g in gates)
+        assert not claims
+        assert sum(g.granted_total for g in gates) == len(runs)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
