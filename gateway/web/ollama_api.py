@@ -304,6 +304,7 @@ class Forward:
         another host; any other failure is this host's, said to the client."""
         self.host = host
         record = self._record
+        record.host = host.name
         sent = self._sent = trio.current_time()
         try:
             async with host.target.raw(
