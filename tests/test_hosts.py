@@ -378,3 +378,46 @@ async def test_the_router_retries_on_another_host_only_when_the_connection_was_r
     assert response.status_code == 502
     assert len(chats(b)) == 2
     assert chats(a) == []
+
+
+async def test_a_host_down_at_start_does_not_stop_the_others(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA, QWEN])
+    await b.set_down(True)
+    gw = await start_hosts(
+        start_gateway, {"b": b, "a": a}, ollama={"degraded_poll_interval_s": 0.2}
+    )
+    host_b = gw.services.hosts.get("b")
+    assert host_b is not None
+    assert not host_b.healthy
+    assert (await gw.client.get("/health?ready")).status_code == 200
+    assert (await post_chat(gw, "up", "llama3")).status_code == 200
+    assert chats(a) == ["up"]
+    # qwen is on no known host (b has been down since start, its inventory is empty):
+    # Ollama's 404 after one re-poll, until b answers.
+    assert (await post_chat(gw, "q", "qwen2.5:7b")).status_code == 404
+    await b.set_down(False)
+    await eventually(lambda: host_b.healthy)
+    assert (await post_chat(gw, "q", "qwen2.5:7b")).status_code == 200
+    assert chats(b) == ["q"]
+
+
+async def test_every_host_down_is_503_naming_them(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    await a.set_down(True)
+    await b.set_down(True)
+    for host in gw.services.hosts:
+        await host.inventory.refresh()
+    with trio.fail_after(2):
+        response = await post_chat(gw, "x")
+    assert response.status_code == 503
+    assert "(a, b)" in response.json()["error"]
+    assert (await gw.client.get("/health?ready")).status_code == 503
+    tags = await gw.client.get("/api/tags")
+    assert [m["name"] for m in tags.json()["models"]] == [LLAMA]  # last inventory kept
