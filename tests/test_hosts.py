@@ -421,3 +421,37 @@ async def test_every_host_down_is_503_naming_them(
     assert (await gw.client.get("/health?ready")).status_code == 503
     tags = await gw.client.get("/api/tags")
     assert [m["name"] for m in tags.json()["models"]] == [LLAMA]  # last inventory kept
+
+
+async def test_shutdown_sheds_a_request_queued_on_several_hosts(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    a = await emulator(nursery, [LLAMA], loaded=[LLAMA])
+    b = await emulator(nursery, [LLAMA], loaded=[LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b}, shutdown_grace_s=5.0)
+    gate_a, gate_b = (h.gate for h in gw.services.hosts)
+    a.hold, b.hold = trio.Event(), trio.Event()
+    answers: dict[str, httpx.Response] = {}
+
+    async def send(tag: str) -> None:
+        answers[tag] = await post_chat(gw, tag)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(send, "on-a")
+            await eventually(lambda: gate_a.busy == 1)
+            clients.start_soon(send, "on-b")
+            await eventually(lambda: gate_b.busy == 1)
+            clients.start_soon(send, "queued")
+            await eventually(lambda: (gate_a.queued, gate_b.queued) == (1, 1))
+            gw.stop.set()
+            await eventually(lambda: "queued" in answers)
+            assert (gate_a.queued, gate_b.queued) == (0, 0)
+            a.hold.set()
+            b.hold.set()
+        await gw.stopped.wait()
+    assert answers["queued"].status_code == 503
+    assert "shutting down" in answers["queued"].json()["error"]
+    assert (answers["on-a"].status_code, answers["on-b"].status_code) == (200, 200)
+    assert chats(a) == ["on-a"]
+    assert chats(b) == ["on-b"]

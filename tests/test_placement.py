@@ -3,11 +3,13 @@ forget the request in the same step, so no request ever runs twice (ADR 0020).""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.errors import GateTimeout, ShuttingDown
 from gateway.gate import Ask, ChatGate, Claim
 from gateway.hosts.bind import hold_first
 from gateway.hosts.placement import MIN_SWAP_S, HostView, pick_embedder, place
@@ -276,3 +278,47 @@ def test_no_request_runs_twice_while_hosts_go_down_and_come_back(
         assert sum(g.granted_total for g in gates) == len(runs)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_claim_waits_at_most_max_wait_s_then_leaves_every_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release)
+        nursery.start_soon(_hold, b, release)
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        with pytest.raises(GateTimeout, match="waited 7 s"):
+            async with hold_first(lambda: [a, b], Ask("y", "m"), watch=claims, max_wait_s=7):
+                pytest.fail("granted")
+        assert trio.current_time() - started == 7
+        assert (a.queued, b.queued, len(claims)) == (0, 0, 0)
+        release.set()
+
+
+async def test_shutdown_refuses_a_claim_waiting_at_several_gates() -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    release = trio.Event()
+    refused: list[str] = []
+
+    async def placed() -> None:
+        with pytest.raises(ShuttingDown) as caught:
+            async with hold_first(lambda: [a, b], Ask("y", "m"), watch=claims):
+                pytest.fail("granted")
+        refused.append(caught.value.message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release)
+        nursery.start_soon(_hold, b, release)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(placed)
+        await trio.testing.wait_all_tasks_blocked()
+        b.refuse_waiters("the gateway is shutting down")
+        await trio.testing.wait_all_tasks_blocked()
+        assert refused == ["the gateway is shutting down"]
+        assert (a.queued, b.queued) == (0, 0)
+        release.set()
