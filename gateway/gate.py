@@ -89,7 +89,7 @@ class GateFigures:
     resident: tuple[str, ...]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     waiter: Waiter
     ask: Ask
@@ -97,6 +97,52 @@ class _Entry:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     granted: bool = False
     number: int = 0
+    ahead: int = 0
+    claim: Claim | None = None  # queued at several gates at once (hosts layer)
+
+
+class Claim:
+    """One request queued at several gates at once (several GPU hosts, ADR 0020).
+
+    The first gate to grant it wins, and in the same step, before any checkpoint, takes it
+    out of every other gate's queue (`_won`): trio runs one task at a time, so no other
+    gate can run its dispatch in between, and a second grant is impossible by
+    construction. The waiting task sleeps on `wake`, which a grant sets, and so does
+    `nudge` (the hosts changed: the waiter places itself again).
+    """
+
+    def __init__(self, ask: Ask) -> None:
+        self.ask = ask
+        self.started = trio.current_time()
+        self.scope = trio.CancelScope()
+        self.wake = trio.Event()
+        self.entries: dict[ChatGate, _Entry] = {}
+        self.winner: ChatGate | None = None
+
+    @property
+    def gates(self) -> tuple[ChatGate, ...]:
+        return tuple(self.entries)
+
+    def join(self, gate: ChatGate) -> None:
+        """Queue at `gate` too (refused with `GateFull`/`ShuttingDown` like `hold`)."""
+        if self.winner is None and gate not in self.entries:
+            gate.check_admission()
+            self.entries[gate] = gate._enqueue(self.ask, self.started, claim=self)
+
+    def leave(self, gate: ChatGate) -> None:
+        entry = self.entries.pop(gate, None)
+        if entry is not None:
+            gate._queue.pop(entry.waiter.ticket, None)
+
+    def nudge(self) -> None:
+        self.wake.set()
+
+    def _won(self, gate: ChatGate) -> None:
+        self.winner = gate
+        for other, entry in self.entries.items():
+            if other is not gate:
+                other._queue.pop(entry.waiter.ticket, None)
+        self.wake.set()
 
 
 def _no_ps() -> tuple[frozenset[str], float]:
@@ -198,20 +244,8 @@ class ChatGate:
     async def serve(self, record: RequestRecord, model: str) -> AsyncIterator[Grant]:
         """Hold the gate for one generation and note it in the request's record: the wait,
         how many were ahead, the GPU time held, and the load time Ollama reported."""
-        async with self.hold(self.ask_for(record, model)) as grant:
-            record.gate_wait_s = grant.waited_s
-            record.gate_ahead = grant.ahead
-            granted = trio.current_time()
-            try:
-                yield grant
-            except BaseException:
-                grant.measured = False  # cut short (client gone, upstream failed)
-                raise
-            finally:
-                record.gpu_s = trio.current_time() - granted
-                grant.load_s = record.load_s
-                if record.status not in (0, 200):
-                    grant.measured = False  # an error answer says nothing of the rate
+        async with self.hold(self.ask_for(record, model)) as grant, noted(record, grant):
+            yield grant
 
     @asynccontextmanager
     async def hold(self, ask: Ask | None = None) -> AsyncIterator[Grant]:
@@ -234,7 +268,26 @@ class ChatGate:
         finally:
             self._release(ticket, grant.load_s, measured=grant.measured)
 
-    async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
+    def start_in_s(self, model: str) -> float:
+        """Estimated seconds until one more request for `model` would start here in arrival
+        order, behind the holders and everyone queued (its own load not counted)."""
+        now = trio.current_time()
+        return schedule.arrival_start(
+            self._slots(now),
+            [e.ask.model for e in sorted(self._queue.values(), key=lambda e: e.waiter.ticket)],
+            canonical_model(model),
+            capacity=self.capacity,
+            last_model=self._last_model,
+            estimates=self.estimates,
+        )
+
+    def is_resident(self, model: str) -> bool:
+        return self._is_resident(canonical_model(model))
+
+    def _enqueue(
+        self, ask: Ask, started: float, *, ticket: int | None = None, claim: Claim | None = None
+    ) -> _Entry:
+        ticket = next(self._tickets) if ticket is None else ticket
         ahead = len(self._queue)
         fifo_in_s = schedule.arrival_start(
             self._slots(started),
@@ -247,7 +300,15 @@ class ChatGate:
         deadline = started + fifo_in_s + self.settings.max_overtake_s
         rank = schedule.RANKS.get(ask.priority, schedule.RANKS["normal"])
         waiter = Waiter(ticket, ask.client, rank, ask.weight, ask.model, started, deadline)
-        entry = self._queue[ticket] = _Entry(waiter, ask)
+        entry = _Entry(waiter, ask, ahead=ahead, claim=claim)
+        if claim is not None:
+            entry.scope = claim.scope
+        self._queue[ticket] = entry
+        return entry
+
+    async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
+        entry = self._enqueue(ask, started, ticket=ticket)
+        ahead, deadline = entry.ahead, entry.waiter.deadline
         if self.max_wait_s > 0:
             entry.scope.deadline = started + self.max_wait_s
         try:
@@ -301,7 +362,10 @@ class ChatGate:
             entry = self._queue.pop(waiter.ticket)
             entry.granted = True
             entry.number = self._take(waiter.ticket, entry.ask, now)
-            entry.event.set()
+            if entry.claim is not None:
+                entry.claim._won(self)  # out of every other gate's queue, in this same step
+            else:
+                entry.event.set()
 
     # ------------------------------------------------------------------ what it knows
 
@@ -366,3 +430,22 @@ class ChatGate:
             order=self.settings.order,
             resident=tuple(sorted(self._resident())),
         )
+
+
+@asynccontextmanager
+async def noted(record: RequestRecord, grant: Grant) -> AsyncIterator[Grant]:
+    """Note a held grant in the request's record (wait, how many were ahead, GPU time),
+    and in the grant what the hold says of the service rate."""
+    record.gate_wait_s = grant.waited_s
+    record.gate_ahead = grant.ahead
+    granted = trio.current_time()
+    try:
+        yield grant
+    except BaseException:
+        grant.measured = False  # cut short (client gone, upstream failed)
+        raise
+    finally:
+        record.gpu_s = trio.current_time() - granted
+        grant.load_s = record.load_s
+        if record.status not in (0, 200):
+            grant.measured = False  # an error answer says nothing of the rate
