@@ -60,7 +60,8 @@ async def serve(
         local = LocalOllama(hosts, pins_of(config.models))
         ledger = Ledger(
             resolve_path(config.usage.path, environ),
-            local_host=hosts.first.ledger_host,
+            # Local work no host ran (a merged listing) names none with several hosts.
+            local_host=hosts.first.ledger_host if hosts.single else "",
             host_labels={host.name: host.ledger_host for host in hosts},
             retention_days=config.usage.retention_days,
             buffer_records=config.usage.buffer_records,

@@ -128,6 +128,8 @@ class Claim:
         if self.winner is None and gate not in self.entries:
             gate.check_admission()
             self.entries[gate] = gate._enqueue(self.ask, self.started, claim=self)
+            # A gate with a slot free (a host that just came up or was idle) grants now.
+            gate._dispatch(trio.current_time())
 
     def leave(self, gate: ChatGate) -> None:
         entry = self.entries.pop(gate, None)
@@ -197,6 +199,10 @@ class ChatGate:
     @property
     def busy(self) -> int:
         return len(self._holders)
+
+    @property
+    def granted_total(self) -> int:
+        return self._granted_total
 
     def queued_by_priority(self) -> dict[str, int]:
         counts = dict.fromkeys(schedule.PRIORITY_NAMES, 0)

@@ -59,6 +59,12 @@ class _Live(Collector):
         yield by_priority
         yield family(
             counter,
+            "gateway_gate_grants",
+            "Generations granted the gate (with several hosts: how many each host ran).",
+            lambda h: h.gate.granted_total,
+        )
+        yield family(
+            counter,
             "gateway_gate_model_switches",
             "Grants of a model that was not loaded (Ollama loads it, unloading another).",
             lambda h: h.gate.switches,

@@ -3,11 +3,13 @@ forget the request in the same step, so no request ever runs twice (ADR 0020).""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.errors import GateTimeout, ShuttingDown
 from gateway.gate import Ask, ChatGate, Claim
 from gateway.hosts.bind import hold_first
 from gateway.hosts.placement import MIN_SWAP_S, HostView, pick_embedder, place
@@ -138,6 +140,36 @@ async def test_a_nudged_claim_moves_to_the_gates_placement_gives_now() -> None:
     assert ran == [b]
 
 
+async def test_a_claim_moved_to_an_idle_gate_is_granted_there_at_once() -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    candidates = [a]
+    release_a = trio.Event()
+    ran: list[ChatGate] = []
+
+    async def placed() -> None:
+        async with hold_first(lambda: list(candidates), Ask("y", "m"), watch=claims) as bound:
+            ran.append(bound[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release_a)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(placed)
+        await trio.testing.wait_all_tasks_blocked()
+        candidates[:] = [b]  # a went down; b is idle
+        for claim in claims:
+            claim.nudge()
+        await trio.testing.wait_all_tasks_blocked()
+        assert ran == [b]
+        assert a.queued == 0
+        release_a.set()
+
+
+async def _hold(gate: ChatGate, until: trio.Event) -> None:
+    async with gate.hold(Ask("x", "m")):
+        await until.wait()
+
+
 requests_strategy = st.lists(
     st.tuples(
         st.sets(st.integers(0, 2), min_size=1),  # the gates the request queues at
@@ -190,3 +222,103 @@ def test_no_request_is_ever_granted_twice(
         assert sum(g.figures().granted_total for g in gates) == len(requests) - len(left)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    requests_strategy,
+    st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2)), max_size=6),
+)
+def test_no_request_runs_twice_while_hosts_go_down_and_come_back(
+    requests: list[tuple[set[int], int, int, bool]], toggles: list[tuple[int, int]]
+) -> None:
+    """As above, with gates leaving and re-entering placement at any time (a host going
+    down, coming back) and every waiting claim nudged each time, as the hosts layer does:
+    still each request runs at most once, exactly once unless it left."""
+
+    async def main() -> None:
+        gates = [ChatGate(1) for _ in range(3)]
+        down: set[int] = set()
+        claims: set[Claim] = set()
+        runs: dict[int, int] = {}
+        left: set[int] = set()
+        placed: set[int] = set()
+
+        async def one(i: int, where: set[int], at: int, hold: int, leaves: bool) -> None:
+            await trio.sleep(at)
+
+            def place() -> list[ChatGate]:
+                return [gates[g] for g in sorted(where) if g not in down]
+
+            if not place():
+                return  # no candidate: the route answers 503 before queueing
+            placed.add(i)
+            with trio.move_on_after(0.5 + hold if leaves else 1e9) as scope:
+                async with hold_first(place, Ask(str(i), "m"), watch=claims):
+                    runs[i] = runs.get(i, 0) + 1
+                    scope.deadline = float("inf")
+                    await trio.sleep(hold)
+            if scope.cancelled_caught:
+                left.add(i)
+
+        async def toggle(at: int, gate: int) -> None:
+            await trio.sleep(at + 0.25)
+            down.symmetric_difference_update({gate})
+            for claim in list(claims):
+                claim.nudge()
+
+        async with trio.open_nursery() as nursery:
+            for at, gate in toggles:
+                nursery.start_soon(toggle, at, gate)
+            for i, (where, at, hold, leaves) in enumerate(requests):
+                nursery.start_soon(one, i, where, at, hold, leaves)
+        assert runs == dict.fromkeys(placed - left, 1), (runs, placed, left)
+        assert all(g.queued == 0 and g.busy == 0 for g in gates)
+        assert not claims
+        assert sum(g.granted_total for g in gates) == len(runs)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_claim_waits_at_most_max_wait_s_then_leaves_every_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release)
+        nursery.start_soon(_hold, b, release)
+        await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        with pytest.raises(GateTimeout, match="waited 7 s"):
+            async with hold_first(lambda: [a, b], Ask("y", "m"), watch=claims, max_wait_s=7):
+                pytest.fail("granted")
+        assert trio.current_time() - started == 7
+        assert (a.queued, b.queued, len(claims)) == (0, 0, 0)
+        release.set()
+
+
+async def test_shutdown_refuses_a_claim_waiting_at_several_gates() -> None:
+    a, b = ChatGate(1), ChatGate(1)
+    claims: set[Claim] = set()
+    release = trio.Event()
+    refused: list[str] = []
+
+    async def placed() -> None:
+        with pytest.raises(ShuttingDown) as caught:
+            async with hold_first(lambda: [a, b], Ask("y", "m"), watch=claims):
+                pytest.fail("granted")
+        refused.append(caught.value.message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_hold, a, release)
+        nursery.start_soon(_hold, b, release)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(placed)
+        await trio.testing.wait_all_tasks_blocked()
+        b.refuse_waiters("the gateway is shutting down")
+        await trio.testing.wait_all_tasks_blocked()
+        assert refused == ["the gateway is shutting down"]
+        assert (a.queued, b.queued) == (0, 0)
+        release.set()

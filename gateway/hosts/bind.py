@@ -70,11 +70,12 @@ async def _wait_first(
         raise
     finally:
         watch.discard(claim)
-        for gate in claim.gates:
+        joined = claim.gates
+        for gate in joined:
             if gate is not claim.winner:
                 claim.leave(gate)
     if claim.winner is None:
-        refusal = next((g._refusal for g in claim.gates if g._refusal), "")
+        refusal = next((g._refusal for g in joined if g._refusal), "")
         if refusal:
             raise ShuttingDown(refusal, retry_after_s=5)
         raise GateTimeout(

@@ -82,11 +82,12 @@ def snapshot(services: Services) -> dict[str, Any]:
     hosts = services.hosts
     each = {host.name: host_snapshot(host, now) for host in hosts}
     if hosts.single:
-        first = dict(each[hosts.first.name])
-        embed = first.pop("embed_model", None)
-        body = {**first, "draining": services.drain.draining, "in_flight": services.drain.active}
-        # The keys in the order of before: status, degraded, draining, target...
-        body = {k: body[k] for k in ("status", "degraded", "draining", *first) if k in body}
+        # The one host's figures at the top level, in the order of before.
+        host = dict(each[hosts.first.name])
+        embed = host.pop("embed_model", None)
+        status, degraded = host.pop("status"), host.pop("degraded")
+        body = {"status": status, "degraded": degraded, "draining": services.drain.draining}
+        body.update(host)
         body["in_flight"] = services.drain.active
         if embed is not None:
             body["embed_model"] = embed

@@ -28,7 +28,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.hosts import Host
-from gateway.hosts.listing import host_param, merge_listings
+from gateway.hosts.listing import host_param
 from gateway.pinning import pin_body, pin_for, pins_of
 from gateway.providers.client_api import OLLAMA_CLOUD, ClientAPI
 from gateway.providers.protocols import Protocol, UsageTally, strip_cloud_tag, with_model
@@ -52,6 +52,7 @@ from gateway.web.asgi import (
 from gateway.web.bodies import decode_body
 from gateway.web.cloud_relay import relay_cloud
 from gateway.web.cloud_tags import CloudTags, merged
+from gateway.web.listings import serve_union
 
 
 class Kind(enum.Enum):
@@ -303,6 +304,7 @@ class Forward:
         another host; any other failure is this host's, said to the client."""
         self.host = host
         record = self._record
+        record.host = host.name
         sent = self._sent = trio.current_time()
         try:
             async with host.target.raw(
@@ -344,27 +346,10 @@ class Forward:
         return run
 
     def union(self, path: str) -> Callable[[], Awaitable[None]]:
-        """`/api/tags` or `/api/ps` with several hosts: one entry per model over every
-        host's last inventory (a degraded host's stays in), polled afresh first."""
+        """`/api/tags` or `/api/ps` with several hosts (`web.listings`)."""
 
         async def run() -> None:
-            hosts = self._s.hosts
-            async with trio.open_nursery() as nursery:
-                for host in hosts:
-                    if host.healthy:
-                        nursery.start_soon(host.inventory.refresh)
-            bodies = [
-                h.inventory.snapshot.tags_body
-                if path == "/api/tags"
-                else h.inventory.snapshot.ps_body
-                for h in hosts
-            ]
-            body = merge_listings(bodies)
-            await self.responder.full(
-                200,
-                body if self._method == "GET" else b"",
-                [(b"content-type", b"application/json; charset=utf-8")],
-            )
+            await serve_union(self._s.hosts, path, self._method, self.responder)
 
         return run
 
@@ -396,18 +381,8 @@ class Forward:
         """`/api/tags` with Ollama Cloud's models after the local ones (`list_in_tags`)."""
 
         async def run() -> None:
-            hosts = self._s.hosts
-            if not hosts.single:
-                async with trio.open_nursery() as nursery:
-                    for host in hosts:
-                        if host.healthy:
-                            nursery.start_soon(host.inventory.refresh)
-                listed = merge_listings([h.inventory.snapshot.tags_body for h in hosts])
-                await self.responder.full(
-                    200,
-                    merged(listed, await cloud.entries()) if self._method == "GET" else b"",
-                    [(b"content-type", b"application/json; charset=utf-8")],
-                )
+            if not self._s.hosts.single:
+                await serve_union(self._s.hosts, "/api/tags", self._method, self.responder, cloud)
                 return
             inventory = self.host.inventory
             local = inventory.snapshot.tags_body
