@@ -175,6 +175,9 @@ def render_config(config: Config, environ: Mapping[str, str]) -> str:
     _render_table(lines, "", data)
     lines.append("")
     lines.append("# credentials (values never shown)")
+    if config.ollama.hosts:
+        names = ", ".join(config.ollama.hosts)
+        lines.append(f"# GPU hosts: {names} (ollama.url is not used: each host has its own)")
     for spec in host_specs(config):
         token_env = spec.ollama.token_env
         token_state = "set" if environ.get(token_env) else "not set"

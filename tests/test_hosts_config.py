@@ -90,6 +90,7 @@ def test_check_config_redacts_host_urls_and_names_each_token(
     assert "http://user:***@tower.lan:11434" in text
     assert "[ollama.hosts.mac]" in text
     assert "# ollama token of host mac: set (MAC_OLLAMA_TOKEN)" in text
+    assert "# GPU hosts: mac, tower (ollama.url is not used" in text
     assert "# ollama token of host tower: not set (GATEWAY_OLLAMA_TOKEN)" in text
     assert main(["check-config", "--config", str(path)]) == 0
     # What check-config prints loads again to the same hosts.
