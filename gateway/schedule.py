@@ -17,6 +17,10 @@ gateway, so the policy is tested alone and the gate (`gateway.gate`) only feeds 
    decaying window (divided by its weight) goes first; its earliest request is served.
 
 `order = "arrival"` skips all of it: first come, first served.
+
+With several GPU hosts, `defer_grant` is placement decided again when a gate is about to
+grant a waiter queued on other hosts too (ADR 0020): it may leave it for a host that has
+its model loaded, never past its deadline, so the bound above holds per host.
 """
 
 from __future__ import annotations
