@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -99,6 +99,7 @@ class _Entry:
     number: int = 0
     ahead: int = 0
     claim: Claim | None = None  # queued at several gates at once (hosts layer)
+    recheck_at: float = math.inf  # left for another host until then (at the latest)
 
 
 class Claim:
@@ -118,6 +119,19 @@ class Claim:
         self.wake = trio.Event()
         self.entries: dict[ChatGate, _Entry] = {}
         self.winner: ChatGate | None = None
+        self.moved = False  # the hosts changed: place again before waiting on
+        self.until = math.inf  # its task sleeps until then at the latest (-inf: awake)
+
+    def recheck_at(self, now: float) -> float:
+        """When a gate that left this claim for another host must look at it again (its
+        overtake deadline, the affinity quantum of the model it would evict)."""
+        return min(
+            (e.recheck_at for e in self.entries.values() if e.recheck_at > now), default=math.inf
+        )
+
+    def poke(self) -> None:
+        """Residency changed somewhere: the gates that left this claim look again."""
+        self.wake.set()
 
     @property
     def gates(self) -> tuple[ChatGate, ...]:
@@ -137,6 +151,7 @@ class Claim:
             gate._queue.pop(entry.waiter.ticket, None)
 
     def nudge(self) -> None:
+        self.moved = True
         self.wake.set()
 
     def _won(self, gate: ChatGate) -> None:
@@ -188,6 +203,11 @@ class ChatGate:
         self._refusal = ""
         self._last_model: str | None = None
         self._last_grant_at = -math.inf
+        self._last_release_at = -math.inf
+        # The other hosts' gates (set by the hosts layer), and what to call when this gate
+        # loads another model, so that waiters left for another host are looked at again.
+        self.peers: Callable[[], Sequence[ChatGate]] = tuple
+        self.on_switch: Callable[[], None] | None = None
         self._run_s = 0.0  # GPU-seconds of finished holds since the last model load
         self.switches = 0  # grants of a model that was not resident (Ollama loads it)
         self.overdue_grants = 0  # grants the overtake bound decided
@@ -346,6 +366,8 @@ class ChatGate:
         self._granted_total += 1
         self._last_model = ask.model
         self._last_grant_at = now
+        if loads and self.on_switch is not None:
+            self.on_switch()
         return self._granted_total
 
     def _release(self, ticket: int, load_s: float | None, *, measured: bool = False) -> None:
@@ -354,24 +376,88 @@ class ChatGate:
         held = now - holder.since
         self._usage.add(holder.ask.client, held, now)
         self._run_s += held
+        if holder.ask.model == self._last_model:
+            self._last_release_at = now
         if measured and holder.ask.model:
             self.estimates.note(holder.ask.model, held, load_s)
         self._dispatch(now)
 
     def _dispatch(self, now: float) -> None:
-        while self.busy < self.capacity and self._queue:
+        left: set[int] = set()  # waiters left for another host this time (ADR 0020)
+        while self.busy < self.capacity and len(self._queue) > len(left):
             waiter = schedule.pick(
-                [e.waiter for e in self._queue.values()], self._view(now), self.settings
+                [e.waiter for t, e in self._queue.items() if t not in left],
+                self._view(now),
+                self.settings,
             )
+            entry = self._queue[waiter.ticket]
+            if entry.claim is not None:
+                others = [g for g in entry.claim.entries if g is not self]
+                recheck = self._leave_for(entry.ask.model, waiter, others, now)
+                entry.recheck_at = math.inf if recheck is None else recheck
+                if recheck is not None:
+                    left.add(waiter.ticket)
+                    if recheck < entry.claim.until:
+                        entry.claim.poke()  # its task sleeps longer: it must wake by then
+                    continue
             if self.settings.order == "fair" and waiter.deadline <= now:
                 self.overdue_grants += 1
-            entry = self._queue.pop(waiter.ticket)
+            del self._queue[waiter.ticket]
             entry.granted = True
             entry.number = self._take(waiter.ticket, entry.ask, now)
             if entry.claim is not None:
                 entry.claim._won(self)  # out of every other gate's queue, in this same step
             else:
                 entry.event.set()
+
+    # ------------------------------------------------------------------ several hosts
+
+    def _leave_for(
+        self, model: str, waiter: Waiter, others: Sequence[ChatGate], now: float
+    ) -> float | None:
+        """Placement again at grant time (`schedule.defer_grant`, ADR 0020): None to grant
+        `waiter` here now, else the time by which to look at it again (its overtake
+        deadline, or when the model a load would evict leaves its affinity quantum); a
+        change of residency elsewhere (`on_switch`) or a release here looks sooner."""
+        if not others or self._is_resident(model):
+            return None
+        elsewhere = [
+            schedule.Elsewhere(g._is_resident(model), g._model_start_in_s(model, waiter.arrived))
+            for g in others
+        ]
+        in_use_until = self._in_use_until(model, now)
+        here = schedule.Swap(0.0, self.estimates.load_s(model), in_use_until > now)
+        if not schedule.defer_grant(here, elsewhere, overdue=waiter.deadline <= now):
+            return None
+        return min(waiter.deadline, in_use_until) if in_use_until > now else waiter.deadline
+
+    def _in_use_until(self, model: str, now: float) -> float:
+        """Until when a load of `model` here would evict a model still in use that no
+        other host has loaded: inf while it has holders or waiters here, else the end of
+        its affinity quantum after its last use; -inf when the load evicts nothing so."""
+        until = -math.inf
+        for other in self._resident() - {model}:
+            if any(p is not self and p._is_resident(other) for p in self.peers()):
+                continue
+            if any(h.ask.model == other for h in self._holders.values()) or any(
+                e.ask.model == other for e in self._queue.values()
+            ):
+                return math.inf
+            if other == self._last_model:
+                last = max(self._last_grant_at, self._last_release_at)
+                until = max(until, last + self.settings.quantum_s)
+        return until
+
+    def _model_start_in_s(self, model: str, arrived: float) -> float:
+        """Seconds until this gate would start a request for `model` that arrived at
+        `arrived`: a slot free, then the requests for it queued here ahead of it, on
+        measured times (the affinity rule keeps a loaded model's queue together)."""
+        slots = sorted(s.left_s for s in self._slots(trio.current_time()))
+        free = 0.0 if len(slots) < self.capacity else slots[0]
+        ahead = sum(
+            1 for e in self._queue.values() if e.ask.model == model and e.waiter.arrived < arrived
+        )
+        return free + ahead * self.estimates.service_s(model) / self.capacity
 
     # ------------------------------------------------------------------ what it knows
 

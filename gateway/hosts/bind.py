@@ -8,6 +8,7 @@ together, so that the first grant removes the others in the same step.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -15,6 +16,7 @@ import trio
 
 from gateway.errors import GateFull, GateTimeout, ShuttingDown
 from gateway.gate import Ask, ChatGate, Claim, Grant
+from gateway.schedule import Waiter
 
 Place = Callable[[], Sequence[ChatGate]]
 
@@ -36,7 +38,13 @@ async def hold_first(
         raise ValueError("hold_first needs at least one gate")
     started = trio.current_time()
     for gate in gates:
-        if not gate._refusal and gate.busy < gate.capacity and not gate._queue:
+        if gate._refusal or gate.busy >= gate.capacity or gate._queue:
+            continue
+        # Not there if another candidate has the model loaded and gets to it sooner, or the
+        # load would evict a model still in use there (placement at grant time, ADR 0020).
+        others = [g for g in gates if g is not gate]
+        arrival = Waiter(0, ask.client, 0, ask.weight, ask.model, started, math.inf)
+        if gate._leave_for(ask.model, arrival, others, started) is None:
             ticket = next(gate._tickets)
             winner, grant = gate, Grant(ticket, gate._take(ticket, ask, started), 0.0, 0, started)
             break
@@ -59,10 +67,18 @@ async def _wait_first(
     try:
         with claim.scope:
             while claim.winner is None:
-                await claim.wake.wait()
+                # A gate that left the claim for another host looks again by then at the
+                # latest (its overtake deadline; the quantum of the model it would evict).
+                claim.until = claim.recheck_at(trio.current_time())
+                with trio.move_on_at(claim.until):
+                    await claim.wake.wait()
+                claim.until = -math.inf  # awake: it looks at its deadlines again below
                 if claim.winner is None:
                     claim.wake = trio.Event()
-                    _replace(claim, place())
+                    if claim.moved:
+                        claim.moved = False
+                        _replace(claim, place())
+                    _redispatch(claim)
     except BaseException:
         # Cancelled in the same tick as it was granted: the slot goes on at once.
         if claim.winner is not None:
@@ -87,6 +103,15 @@ async def _wait_first(
     return claim.winner, Grant(
         entry.waiter.ticket, entry.number, waited, entry.ahead, entry.waiter.deadline
     )
+
+
+def _redispatch(claim: Claim) -> None:
+    """Let each gate of a waiting claim grant again: residency changed or a deadline came."""
+    now = trio.current_time()
+    for gate in claim.gates:
+        if claim.winner is not None:
+            return
+        gate._dispatch(now)
 
 
 def _join(claim: Claim, gates: Sequence[ChatGate]) -> None:

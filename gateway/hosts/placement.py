@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# A swap never costs less than this in the estimates: a load not yet measured is not free.
-MIN_SWAP_S = 5.0
+from gateway.schedule import MIN_SWAP_S
+
+__all__ = ["MIN_SWAP_S", "HostView", "Placement", "pick_embedder", "place"]
 
 
 @dataclass(frozen=True, slots=True)

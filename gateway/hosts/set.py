@@ -46,6 +46,9 @@ class Hosts:
         self._claims: set[Claim] = set()  # requests waiting at several gates
         for host in self.all:
             host.inventory.on_change = self._nudge
+            if not self.single:
+                host.gate.peers = self._serving_gates
+                host.gate.on_switch = self._poke
 
     def __iter__(self) -> Iterator[Host]:
         return iter(self.all)
@@ -100,6 +103,15 @@ class Hosts:
         again (a degraded host's queued requests move to the other hosts with the model)."""
         for claim in list(self._claims):
             claim.nudge()
+
+    def _serving_gates(self) -> list[ChatGate]:
+        return [h.gate for h in self.all if h.healthy]
+
+    def _poke(self) -> None:
+        """A host loaded another model: the gates that left a waiter for another host
+        (placement at grant time) look at it again."""
+        for claim in self._claims:
+            claim.poke()
 
     # ------------------------------------------------------------------ the model
 
