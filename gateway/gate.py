@@ -296,8 +296,12 @@ class ChatGate:
 
     def start_in_s(self, model: str) -> float:
         """Estimated seconds until one more request for `model` would start here in arrival
-        order, behind the holders and everyone queued (its own load not counted)."""
+        order, behind the holders and everyone queued (its own load not counted); `inf`
+        while no slot is free and no generation has been measured here yet: a busy host
+        of unknown speed is not assumed to be about to free up (ADR 0020)."""
         now = trio.current_time()
+        if self.busy >= self.capacity and not self.estimates.service:
+            return math.inf
         return schedule.arrival_start(
             self._slots(now),
             [e.ask.model for e in sorted(self._queue.values(), key=lambda e: e.waiter.ticket)],
@@ -453,6 +457,8 @@ class ChatGate:
         `arrived`: a slot free, then the requests for it queued here ahead of it, on
         measured times (the affinity rule keeps a loaded model's queue together)."""
         slots = sorted(s.left_s for s in self._slots(trio.current_time()))
+        if len(slots) >= self.capacity and not self.estimates.service:
+            return math.inf  # busy, and no generation measured here yet: unknown
         free = 0.0 if len(slots) < self.capacity else slots[0]
         ahead = sum(
             1 for e in self._queue.values() if e.ask.model == model and e.waiter.arrived < arrived

@@ -137,6 +137,8 @@ async def test_no_swap_to_an_idle_host_when_the_resident_host_starts_it_sooner(
     gw = await start_hosts(start_gateway, {"idle": idle, "warm": warm})
     gate_warm = gw.services.hosts.get("warm").gate  # type: ignore[union-attr]
     gate_idle = gw.services.hosts.get("idle").gate  # type: ignore[union-attr]
+    # One generation measured on the warm host: its queue's start is known (milliseconds).
+    assert (await post_chat(gw, "measured")).status_code == 200
     warm.hold = trio.Event()
     with trio.fail_after(10):
         async with trio.open_nursery() as clients:
@@ -146,10 +148,35 @@ async def test_no_swap_to_an_idle_host_when_the_resident_host_starts_it_sooner(
             await eventually(lambda: gate_warm.queued == 2)
             assert gate_idle.queued == 0  # never offered to the host that would swap
             warm.hold.set()
-    assert chats(warm) == ["one", "two", "three"]
+    assert chats(warm) == ["measured", "one", "two", "three"]
     assert chats(idle) == []
     assert warm.loads.get(LLAMA, 0) == 0  # no load anywhere
     assert idle.loads == {}
+
+
+async def test_a_busy_host_of_unknown_speed_does_not_keep_an_idle_host_idle(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """Freshly started, nothing measured: while one host runs the first generation, the
+    second request is not held back for it on a guess of zero seconds; the idle host that
+    has the model installed runs it at once (a load there evicts nothing)."""
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    gate_a = gw.services.hosts.get("a").gate  # type: ignore[union-attr]
+    gate_b = gw.services.hosts.get("b").gate  # type: ignore[union-attr]
+    a.hold, b.hold = trio.Event(), trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(post_chat, gw, "first")
+            await eventually(lambda: gate_a.busy == 1)
+            clients.start_soon(post_chat, gw, "second")
+            await eventually(lambda: gate_b.busy == 1)  # both generations run at once
+            assert gate_a.queued == gate_b.queued == 0
+            a.hold.set()
+            b.hold.set()
+    assert chats(a) == ["first"]
+    assert chats(b) == ["second"]
 
 
 async def test_a_host_refusing_connections_is_degraded_alone_and_its_requests_go_elsewhere(
@@ -210,6 +237,8 @@ async def test_a_host_dying_mid_stream_ends_its_stream_and_its_queue_moves(
     b = await emulator(nursery, [LLAMA])
     gw = await start_hosts(start_gateway, {"a": a, "b": b})
     gate_a = gw.services.hosts.get("a").gate  # type: ignore[union-attr]
+    # One generation measured on a: its queue's start is known, so the queue stays there.
+    assert (await post_chat(gw, "measured")).status_code == 200
     a.hold = trio.Event()
     lines: list[dict[str, Any]] = []
     queued: dict[str, httpx.Response] = {}
@@ -234,7 +263,7 @@ async def test_a_host_dying_mid_stream_ends_its_stream_and_its_queue_moves(
     assert "error" in lines[-1]
     assert lines[-1].get("done") is not True
     assert {tag: r.status_code for tag, r in queued.items()} == {"queued-1": 200, "queued-2": 200}
-    assert chats(a) == ["streamed"]
+    assert chats(a) == ["measured", "streamed"]
     assert sorted(chats(b)) == ["queued-1", "queued-2"]  # each ran once, on b
     assert b.completed_generations == 2
 
