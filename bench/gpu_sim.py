@@ -38,6 +38,8 @@ class GpuSim:
     swaps: int = 0  # loads of a chat model (the first one included)
     busy_s: float = 0.0  # time the GPU spent loading or generating chat
     generations: int = 0
+    loads: list[tuple[float, str]] = field(default_factory=list)  # (when, model) of each swap
+    served: dict[str, int] = field(default_factory=dict)  # generations, by model
     port: int = 0
     _lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -64,12 +66,14 @@ class GpuSim:
                 await trio.sleep(self.load_s)
                 load, self.resident = self.load_s, model
                 self.swaps += 1
+                self.loads.append((started, model))
             await trio.sleep(self.prompt_s)
             eval_s = tokens / self.tokens_per_s
             await trio.sleep(eval_s)
             total = trio.current_time() - started
             self.busy_s += total
             self.generations += 1
+            self.served[model] = self.served.get(model, 0) + 1
         return {
             "total_duration": int(total * 1e9),
             "load_duration": int(load * 1e9),

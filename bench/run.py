@@ -7,7 +7,8 @@ process share another, so the load never competes with the gateway for CPU. The 
 requests go directly to the upstream and through the gateway, interleaved (alternating
 request by request, or block by block for throughput), so machine noise hits both alike.
 
-`--sched` runs the GPU scheduling benchmark instead (`bench.sched`).
+`--sched` runs the GPU scheduling benchmark instead (`bench.sched`), `--hosts` the
+multi-host one (`bench.hosts`).
 
 It prints a table (metric | direct | gateway | ratio/added | target | ok?) and writes a
 JSON report (`bench-report.json`, or `--out`). `--profile` runs a different, shorter
@@ -1481,11 +1482,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead: the GPU scheduling benchmark (bench.sched, simulated GPU host)",
     )
+    parser.add_argument(
+        "--hosts",
+        action="store_true",
+        help="instead: the multi-host benchmark (bench.hosts, two simulated GPU hosts)",
+    )
     args = parser.parse_args(argv)
     if args.sched:
         from bench import sched
 
         return sched.main(["--out", args.out] if args.out else [])
+    if args.hosts:
+        from bench import hosts
+
+        return hosts.main(["--out", args.out] if args.out else [])
     args.litellm_bin = None
     if args.litellm:
         if args.profile:

@@ -150,12 +150,18 @@ class Result:
 
 
 def gateway_config(sim: GpuSim, order: str) -> Any:
+    return config_for({"url": sim.url}, order)
+
+
+def config_for(hosts: dict[str, Any], order: str) -> Any:
+    """The gateway's configuration for a run: `hosts` is where `[ollama]` finds the GPU
+    (its `url`, or a `hosts` table of several, for `bench.hosts`)."""
     clients = {name: {"priority": p} for name, p in PRIORITIES.items()}
     return from_mapping(
         {
             "bind": "127.0.0.1:0",
             "shutdown_grace_s": 0.0,
-            "ollama": {"url": sim.url, "poll_interval_s": 30.0, "first_byte_timeout_s": 600.0},
+            "ollama": {"poll_interval_s": 30.0, "first_byte_timeout_s": 600.0, **hosts},
             "gate": {"order": order, "max_queue": 1000},
             "providers": {
                 n: {"env_file": ""} for n in ("ollama_cloud", "openrouter", "opencode", "kimi")
@@ -184,44 +190,51 @@ async def run_one(workload: Workload, mode: str) -> Result:
                 )
             )
             url = started.url
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
-            t0 = trio.current_time()
-            done = [trio.Event() for _ in workload.requests]
-            ends: list[float] = []
-
-            async def send(index: int, req: Req) -> None:
-                if req.follows is not None:
-                    await done[req.follows].wait()
-                    await trio.sleep(req.at)
-                else:
-                    await trio.sleep_until(t0 + req.at)
-                sent = trio.current_time()
-                path = "/api/embed" if req.embed else "/api/chat"
-                body: dict[str, Any] = {"model": req.model, "stream": False}
-                if req.embed:
-                    body["input"] = "text"
-                else:
-                    body["messages"] = [{"role": "user", "content": "hi"}]
-                    body["options"] = {"num_predict": req.tokens}
-                headers = {"Authorization": f"Bearer token-{req.client}"}
-                response = await client.post(path, json=body, headers=headers)
-                if response.status_code != 200:
-                    result.failures += 1
-                now = trio.current_time()
-                result.latency.setdefault(req.klass, []).append(now - sent)
-                ends.append(now)
-                done[index].set()
-
-            async with trio.open_nursery() as senders:
-                for index, req in enumerate(workload.requests):
-                    senders.start_soon(send, index, req)
-        result.makespan_s = max(ends) - t0
+        await drive(workload, url, result)
         result.swaps = sim.swaps
         result.busy = sim.busy_s / result.makespan_s
         stop.set()
         nursery.cancel_scope.cancel()
     return result
+
+
+async def drive(workload: Workload, url: str, result: Result) -> None:
+    """Send `workload`'s requests to `url` as its clients would (each with its own token,
+    at its time or after the answer it follows) and record into `result` the latency of
+    each by class, the failures and the makespan. Shared with `bench.hosts`."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        t0 = trio.current_time()
+        done = [trio.Event() for _ in workload.requests]
+        ends: list[float] = []
+
+        async def send(index: int, req: Req) -> None:
+            if req.follows is not None:
+                await done[req.follows].wait()
+                await trio.sleep(req.at)
+            else:
+                await trio.sleep_until(t0 + req.at)
+            sent = trio.current_time()
+            path = "/api/embed" if req.embed else "/api/chat"
+            body: dict[str, Any] = {"model": req.model, "stream": False}
+            if req.embed:
+                body["input"] = "text"
+            else:
+                body["messages"] = [{"role": "user", "content": "hi"}]
+                body["options"] = {"num_predict": req.tokens}
+            headers = {"Authorization": f"Bearer token-{req.client}"}
+            response = await client.post(path, json=body, headers=headers)
+            if response.status_code != 200:
+                result.failures += 1
+            now = trio.current_time()
+            result.latency.setdefault(req.klass, []).append(now - sent)
+            ends.append(now)
+            done[index].set()
+
+        async with trio.open_nursery() as senders:
+            for index, req in enumerate(workload.requests):
+                senders.start_soon(send, index, req)
+    result.makespan_s = max(ends) - t0
 
 
 def run_all(names: list[str]) -> list[Result]:

@@ -289,17 +289,11 @@ def llama_embed(manifest: dict[str, Any], logs: Path) -> Service:
     )
 
 
-@pytest.fixture(scope="session")
-def proxy(
-    manifest: dict[str, Any],
-    logs: Path,
-    llama_chat: Service,
-    llama_embed: Service,
-    tmp_path_factory: pytest.TempPathFactory,
+def start_proxy(
+    name: str, manifest: dict[str, Any], logs: Path, home: Path, chat: Service, embed: Service
 ) -> Service:
     """ollama-proxy-plus, bound to 127.0.0.1 both ways (PROXY_HOST/PORT and --host/--port),
     in an empty directory with .env loading off, so nothing of the machine configures it."""
-    home = tmp_path_factory.mktemp("proxy-home")
 
     def argv(port: int) -> list[str]:
         return [
@@ -322,21 +316,40 @@ def proxy(
             PROXY_HOST="127.0.0.1",
             PROXY_PORT=str(port),
             PYTHON_DOTENV_DISABLED="1",
-            PROVIDERS_LLAMA_BASE_URL=f"{llama_chat.url}/v1",
+            PROVIDERS_LLAMA_BASE_URL=f"{chat.url}/v1",
             PROVIDERS_LLAMA_API_KEY=LLAMA_KEY,
-            PROVIDERS_LLAMAEMB_BASE_URL=f"{llama_embed.url}/v1",
+            PROVIDERS_LLAMAEMB_BASE_URL=f"{embed.url}/v1",
             PROVIDERS_LLAMAEMB_API_KEY="unused",
             EXTRA_MODELS=f"{OLLAMA_MODEL},{EMBED_MODEL}",
         )
 
-    return start(
-        "ollama-proxy-plus",
-        argv,
-        env=env,
-        ready=ready,
-        logs=logs,
-        cwd=home,
-    )
+    return start(name, argv, env=env, ready=ready, logs=logs, cwd=home)
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    manifest: dict[str, Any],
+    logs: Path,
+    llama_chat: Service,
+    llama_embed: Service,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Service:
+    """The Ollama stand-in every test's gateway targets."""
+    home = tmp_path_factory.mktemp("proxy-home")
+    return start_proxy("ollama-proxy-plus", manifest, logs, home, llama_chat, llama_embed)
+
+
+@pytest.fixture(scope="session")
+def proxy_b(
+    manifest: dict[str, Any],
+    logs: Path,
+    llama_chat: Service,
+    llama_embed: Service,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Service:
+    """A second Ollama stand-in in front of the same llama-servers: a second GPU host."""
+    home = tmp_path_factory.mktemp("proxy-b-home")
+    return start_proxy("ollama-proxy-plus-b", manifest, logs, home, llama_chat, llama_embed)
 
 
 # ---------------------------------------------------------------------------
@@ -344,21 +357,27 @@ def proxy(
 # ---------------------------------------------------------------------------
 
 
-def gateway_config(ollama_url: str, openrouter_url: str) -> Config:
+def gateway_config(
+    ollama_url: str, openrouter_url: str, hosts: dict[str, str] | None = None
+) -> Config:
+    """The tier's gateway: one Ollama host at `ollama_url`, or `hosts` (name -> URL)."""
+    ollama: dict[str, Any] = {
+        "url": ollama_url,
+        "poll_interval_s": 30.0,
+        "degraded_poll_interval_s": 0.5,
+        "connect_timeout_s": 2.0,
+        "first_byte_timeout_s": 120.0,
+        "idle_timeout_s": 120.0,
+    }
+    if hosts:
+        ollama["hosts"] = {name: {"url": url} for name, url in hosts.items()}
     providers: dict[str, Any] = {name: {"env_file": ""} for name in provider_names()}
     providers["openrouter"] = {"env_file": "", "base_url": openrouter_url, "timeout_s": 120.0}
     return from_mapping(
         {
             "bind": "127.0.0.1:0",
             "shutdown_grace_s": 2.0,
-            "ollama": {
-                "url": ollama_url,
-                "poll_interval_s": 30.0,
-                "degraded_poll_interval_s": 0.5,
-                "connect_timeout_s": 2.0,
-                "first_byte_timeout_s": 120.0,
-                "idle_timeout_s": 120.0,
-            },
+            "ollama": ollama,
             "providers": providers,
             # No usage ledger: the tier must not write into the user's state directory.
             "usage": {"path": ""},
@@ -376,10 +395,20 @@ class Gateway:
 
 
 async def start_gateway(
-    nursery: trio.Nursery, proxy: Service, llama_chat: Service, *, key: str = LLAMA_KEY
+    nursery: trio.Nursery,
+    proxy: Service,
+    llama_chat: Service,
+    *,
+    key: str = LLAMA_KEY,
+    hosts: dict[str, Service] | None = None,
 ) -> Gateway:
-    """The gateway: Ollama target = ollama-proxy-plus, OpenRouter = llama_chat with `key`."""
-    config = gateway_config(proxy.url, f"{llama_chat.url}/v1")
+    """The gateway: Ollama target = ollama-proxy-plus (or the GPU hosts `hosts`, by name),
+    OpenRouter = llama_chat with `key`."""
+    config = gateway_config(
+        proxy.url,
+        f"{llama_chat.url}/v1",
+        {name: service.url for name, service in hosts.items()} if hosts else None,
+    )
     stop_event, stopped = trio.Event(), trio.Event()
 
     async def run(task_status: trio.TaskStatus[Started]) -> None:
@@ -477,5 +506,8 @@ __all__ = [
     "metrics",
     "released",
     "slots",
+    "start",
     "start_gateway",
+    "start_proxy",
+    "stop",
 ]

@@ -1,5 +1,6 @@
-"""`serve()`: the top-level nursery that owns the HTTP server, the inventory poller, the
-embedder warm-up and the drain, and reports the bound address through `task_status`."""
+"""`serve()`: the top-level nursery that owns the HTTP server, the GPU hosts (each with its
+pool, inventory poller, gate and embedder warm-up) and the drain, and reports the bound
+address through `task_status`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 import trio
 
 from gateway.auth import Auth
-from gateway.config import Config, redact_url
+from gateway.config import Config
 from gateway.drain import Drain
-from gateway.gate import ChatGate, gate_settings
+from gateway.hosts import open_hosts
 from gateway.metrics import Metrics
 from gateway.pinning import pins_of
 from gateway.providers.http import make_provider_client
@@ -24,9 +25,6 @@ from gateway.server import hypercorn_config, serve_http
 from gateway.services import Services
 from gateway.status.board import StatusBoard
 from gateway.status.tally import ProviderTally
-from gateway.target.client import TargetClient, make_target_pool
-from gateway.target.inventory import Inventory
-from gateway.target.warmup import EmbedWarmer
 from gateway.usage import Budgets, Ledger, resolve_path
 from gateway.web.app import create_app
 
@@ -56,36 +54,17 @@ async def serve(
     usage ledger and the daily budgets; tests inject one to cross a day.
     """
     environ = os.environ if environ is None else environ
-    token = environ.get(config.ollama.token_env) or None
     auth = Auth.from_config(config.auth, environ)  # a bad token file stops us here
     async with (
-        make_target_pool(config.ollama, max_read_bytes=config.max_body_bytes) as target_pool,
+        open_hosts(config, environ, max_read_bytes=config.max_body_bytes) as hosts,
         make_provider_client() as provider_http,
     ):
-        target = TargetClient(target_pool, config.ollama, token=token)
-        inventory = Inventory(
-            target,
-            poll_interval_s=config.ollama.poll_interval_s,
-            degraded_poll_interval_s=config.ollama.degraded_poll_interval_s,
-            poll_timeout_s=min(10.0, config.ollama.first_byte_timeout_s),
-        )
-        warmer = (
-            EmbedWarmer(target, inventory, config.ollama.embed_model)
-            if config.ollama.embed_model
-            else None
-        )
-        gate = ChatGate(
-            config.gate.capacity,
-            max_queue=config.gate.max_queue,
-            max_wait_s=config.gate.max_wait_s,
-            settings=gate_settings(config.gate),
-            clients=config.client,
-            loaded=inventory.loaded_models,
-        )
-        local = LocalOllama(target, inventory, gate, pins_of(config.models))
+        local = LocalOllama(hosts, pins_of(config.models))
         ledger = Ledger(
             resolve_path(config.usage.path, environ),
-            local_host=redact_url(config.ollama.url),
+            # Local work no host ran (a merged listing) names none with several hosts.
+            local_host=hosts.first.ledger_host if hosts.single else "",
+            host_labels={host.name: host.ledger_host for host in hosts},
             retention_days=config.usage.retention_days,
             buffer_records=config.usage.buffer_records,
             flush_interval_s=config.usage.flush_interval_s,
@@ -103,14 +82,11 @@ async def serve(
         )
         services = Services(
             config=config,
-            target=target,
-            inventory=inventory,
-            gate=gate,
-            drain=Drain(on_drain=[gate.refuse_waiters]),
-            warmer=warmer,
+            hosts=hosts,
+            drain=Drain(on_drain=[host.gate.refuse_waiters for host in hosts]),
             registry=registry,
             auth=auth,
-            metrics=Metrics(gate, inventory, warmer, ledger=ledger, clients=config.clients),
+            metrics=Metrics(hosts, ledger=ledger, clients=config.clients),
             ledger=ledger,
             budgets=Budgets(config, clock=clock),
             status=status,
@@ -124,15 +100,12 @@ async def serve(
             keyfile=config.tls.keyfile,
         )
         async with trio.open_nursery() as nursery:
-            await nursery.start(target_pool.run)
-            await nursery.start(inventory.run)
+            await nursery.start(hosts.run)
             await nursery.start(ledger.run)
             await nursery.start(status.sampler(services).run)
             # Today's cloud use so far, so that a restart does not reset the budgets' day.
             since = services.budgets.day_start()
             services.budgets.load(await ledger.cloud_totals(since), since)
-            if warmer is not None:
-                nursery.start_soon(warmer.run)
 
             async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_http(
@@ -151,9 +124,13 @@ async def serve(
             binds: list[str] = await nursery.start(run_server)
             # Degraded mode is said once, by the inventory, in its own words.
             log.info(
-                "gateway listening on %s, Ollama target %s; providers: %s; auth: %s",
+                "gateway listening on %s, Ollama %s; providers: %s; auth: %s",
                 ", ".join(binds),
-                target.url,
+                (
+                    f"target {hosts.first.url}"
+                    if hosts.single
+                    else "hosts " + ", ".join(f"{h.name} ({h.url})" for h in hosts)
+                ),
                 ", ".join(p.name for p in services.registry.listing()),
                 auth.describe(),
             )

@@ -18,7 +18,14 @@ import trio
 
 from gateway import __version__, logs
 from gateway.auth import Auth
-from gateway.config import Config, ConfigError, load, provider_names, redact_url
+from gateway.config import (
+    Config,
+    ConfigError,
+    host_specs,
+    load,
+    provider_names,
+    redact_url,
+)
 from gateway.errors import BadRequest
 from gateway.providers.keys import resolve_key
 from gateway.usage import parse_query, report, resolve_path, store
@@ -162,13 +169,20 @@ def render_config(config: Config, environ: Mapping[str, str]) -> str:
     """The resolved configuration as TOML, with URLs' passwords and every key redacted."""
     data = msgspec.to_builtins(config)
     data["ollama"]["url"] = redact_url(config.ollama.url)
+    for name, host in config.ollama.hosts.items():
+        data["ollama"]["hosts"][name]["url"] = redact_url(host.url)
     lines = ["# resolved configuration (secrets redacted)"]
     _render_table(lines, "", data)
     lines.append("")
     lines.append("# credentials (values never shown)")
-    token_env = config.ollama.token_env
-    token_state = "set" if environ.get(token_env) else "not set"
-    lines.append(f"# ollama token: {token_state} ({token_env})")
+    if config.ollama.hosts:
+        names = ", ".join(config.ollama.hosts)
+        lines.append(f"# GPU hosts: {names} (ollama.url is not used: each host has its own)")
+    for spec in host_specs(config):
+        token_env = spec.ollama.token_env
+        token_state = "set" if environ.get(token_env) else "not set"
+        where = "" if spec.implicit else f" of host {spec.name}"
+        lines.append(f"# ollama token{where}: {token_state} ({token_env})")
     for name in provider_names():
         provider = getattr(config.providers, name)
         key = resolve_key(provider.key_env, provider.env_file, environ)

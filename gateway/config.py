@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +50,84 @@ class OllamaConfig(_Section, frozen=True):
     idle_timeout_s: Seconds = 300.0
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
     allow_management: bool = False
+    # Several GPU hosts (ADR 0020): each inherits every key above that it does not set.
+    # None: one host, at `url`.
+    hosts: dict[str, HostConfig] = msgspec.field(default_factory=dict)
+
+
+class HostConfig(_Section, frozen=True):
+    """One GPU host, `[ollama.hosts.<name>]`: a key left out is `[ollama]`'s (`capacity`:
+    `[gate] capacity`)."""
+
+    url: str
+    token_env: str | None = None
+    capacity: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    embed_model: str | None = None
+    poll_interval_s: Seconds | None = None
+    degraded_poll_interval_s: Seconds | None = None
+    connect_timeout_s: Seconds | None = None
+    first_byte_timeout_s: Seconds | None = None
+    idle_timeout_s: Seconds | None = None
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+# The one host of a configuration with no `[ollama.hosts]` table (ADR 0020).
+DEFAULT_HOST = "default"
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """One GPU host, resolved: its name, its `[ollama]` settings (inheritance applied,
+    `hosts` empty) and its gate capacity. `implicit`: the single host of a configuration
+    without `[ollama.hosts]`."""
+
+    name: str
+    ollama: OllamaConfig
+    capacity: int
+    implicit: bool = False
+
+
+def host_specs(config: Config) -> tuple[HostSpec, ...]:
+    """The configured GPU hosts in file order; one named `default` when none is listed."""
+    ollama = config.ollama
+    if not ollama.hosts:
+        return (HostSpec(DEFAULT_HOST, ollama, config.gate.capacity, implicit=True),)
+    specs = []
+    for name, host in ollama.hosts.items():
+        changes = {
+            key: getattr(host, key)
+            for key in HostConfig.__struct_fields__
+            if key != "capacity" and getattr(host, key) is not None
+        }
+        resolved = msgspec.structs.replace(ollama, hosts={}, **changes)
+        specs.append(HostSpec(name, resolved, host.capacity or config.gate.capacity))
+    return tuple(specs)
+
+
+def _check_hosts(hosts: Mapping[str, HostConfig]) -> None:
+    seen: dict[str, str] = {}
+    for name, host in hosts.items():
+        if not _HOST_NAME.fullmatch(name):
+            raise ConfigError(
+                f"ollama.hosts.{name!r}: a host name is letters, digits, '.', '_' or '-'"
+                " (at most 63, starting with a letter or digit)"
+            )
+        _check_url(f"ollama.hosts.{name}.url", host.url)
+        key = _url_key(host.url)
+        if key in seen:
+            raise ConfigError(
+                f"ollama.hosts.{name}.url: the same host as ollama.hosts.{seen[key]}"
+                f" ({redact_url(host.url)!r}); list each GPU host once"
+            )
+        seen[key] = name
+
+
+def _url_key(url: str) -> str:
+    """A URL as a host identity: scheme, host name, port (defaults filled in), path."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
 
 
 class GateConfig(_Section, frozen=True):
@@ -281,6 +360,7 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
     try:
         parse_bind(config.bind)
         _check_url("ollama.url", config.ollama.url)
+        _check_hosts(config.ollama.hosts)
         for name in provider_names():
             _check_url(f"providers.{name}.base_url", getattr(config.providers, name).base_url)
         _check_tls(config.tls)
@@ -292,10 +372,29 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Con
 
 def from_mapping(raw: Mapping[str, Any], *, source: str = "configuration") -> Config:
     """Decode a TOML-shaped mapping (what the file holds) into a `Config`."""
+    _check_host_tables(raw, source)
     try:
         return msgspec.convert(_with_provider_defaults(dict(raw)), Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
+
+
+def _check_host_tables(raw: Mapping[str, Any], source: str) -> None:
+    """Decode each `[ollama.hosts.<name>]` alone first, so that an error names the host
+    (msgspec says `hosts[...]` for a key of a dict)."""
+    ollama = raw.get("ollama")
+    hosts = ollama.get("hosts") if isinstance(ollama, dict) else None
+    if not isinstance(hosts, dict):
+        return
+    for name, table in hosts.items():
+        try:
+            msgspec.convert(table, HostConfig)
+        except msgspec.ValidationError as exc:
+            text = _explain(exc)
+            where = f"ollama.hosts.{name}"
+            if text.startswith("unknown key '"):
+                raise ConfigError(f"{source}: unknown key '{where}.{text[13:]}") from None
+            raise ConfigError(f"{source}: {where}: {text}") from None
 
 
 def _check_tls(tls: TlsConfig) -> None:

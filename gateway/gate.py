@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
@@ -91,7 +91,7 @@ class GateFigures:
     resident: tuple[str, ...]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Entry:
     waiter: Waiter
     ask: Ask
@@ -99,6 +99,69 @@ class _Entry:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     granted: bool = False
     number: int = 0
+    ahead: int = 0
+    claim: Claim | None = None  # queued at several gates at once (hosts layer)
+    recheck_at: float = math.inf  # left for another host until then (at the latest)
+
+
+class Claim:
+    """One request queued at several gates at once (several GPU hosts, ADR 0020).
+
+    The first gate to grant it wins, and in the same step, before any checkpoint, takes it
+    out of every other gate's queue (`_won`): trio runs one task at a time, so no other
+    gate can run its dispatch in between, and a second grant is impossible by
+    construction. The waiting task sleeps on `wake`, which a grant sets, and so does
+    `nudge` (the hosts changed: the waiter places itself again).
+    """
+
+    def __init__(self, ask: Ask) -> None:
+        self.ask = ask
+        self.started = trio.current_time()
+        self.scope = trio.CancelScope()
+        self.wake = trio.Event()
+        self.entries: dict[ChatGate, _Entry] = {}
+        self.winner: ChatGate | None = None
+        self.moved = False  # the hosts changed: place again before waiting on
+        self.until = math.inf  # its task sleeps until then at the latest (-inf: awake)
+
+    def recheck_at(self, now: float) -> float:
+        """When a gate that left this claim for another host must look at it again (its
+        overtake deadline, the affinity quantum of the model it would evict)."""
+        return min(
+            (e.recheck_at for e in self.entries.values() if e.recheck_at > now), default=math.inf
+        )
+
+    def poke(self) -> None:
+        """Residency changed somewhere: the gates that left this claim look again."""
+        self.wake.set()
+
+    @property
+    def gates(self) -> tuple[ChatGate, ...]:
+        return tuple(self.entries)
+
+    def join(self, gate: ChatGate) -> None:
+        """Queue at `gate` too (refused with `GateFull`/`ShuttingDown` like `hold`)."""
+        if self.winner is None and gate not in self.entries:
+            gate.check_admission()
+            self.entries[gate] = gate._enqueue(self.ask, self.started, claim=self)
+            # A gate with a slot free (a host that just came up or was idle) grants now.
+            gate._dispatch(trio.current_time())
+
+    def leave(self, gate: ChatGate) -> None:
+        entry = self.entries.pop(gate, None)
+        if entry is not None:
+            gate._queue.pop(entry.waiter.ticket, None)
+
+    def nudge(self) -> None:
+        self.moved = True
+        self.wake.set()
+
+    def _won(self, gate: ChatGate) -> None:
+        self.winner = gate
+        for other, entry in self.entries.items():
+            if other is not gate:
+                other._queue.pop(entry.waiter.ticket, None)
+        self.wake.set()
 
 
 def _no_ps() -> tuple[frozenset[str], float]:
@@ -142,6 +205,11 @@ class ChatGate:
         self._refusal = ""
         self._last_model: str | None = None
         self._last_grant_at = -math.inf
+        self._last_release_at = -math.inf
+        # The other hosts' gates (set by the hosts layer), and what to call when this gate
+        # loads another model, so that waiters left for another host are looked at again.
+        self.peers: Callable[[], Sequence[ChatGate]] = tuple
+        self.on_switch: Callable[[], None] | None = None
         self._run_s = 0.0  # GPU-seconds of finished holds since the last model load
         self.switches = 0  # grants of a model that was not resident (Ollama loads it)
         self.overdue_grants = 0  # grants the overtake bound decided
@@ -153,6 +221,10 @@ class ChatGate:
     @property
     def busy(self) -> int:
         return len(self._holders)
+
+    @property
+    def granted_total(self) -> int:
+        return self._granted_total
 
     def queued_by_priority(self) -> dict[str, int]:
         counts = dict.fromkeys(schedule.PRIORITY_NAMES, 0)
@@ -200,22 +272,15 @@ class ChatGate:
     async def serve(self, record: RequestRecord, model: str) -> AsyncIterator[Grant]:
         """Hold the gate for one generation and note it in the request's record: the wait,
         how many were ahead, the GPU time held, and the load time Ollama reported."""
-        async with self.hold(self.ask_for(record, model)) as grant:
-            holder = self._holders[grant.ticket]
+        async with self.hold(self.ask_for(record, model)) as grant, noted(record, grant):
+            self.attach(grant, record)
+            yield grant
+
+    def attach(self, grant: Grant, record: RequestRecord) -> None:
+        """Name the request holding `grant`'s slot, for the status page's live figures."""
+        holder = self._holders.get(grant.ticket)
+        if holder is not None:
             self._holders[grant.ticket] = replace(holder, record=record)
-            record.gate_wait_s = grant.waited_s
-            record.gate_ahead = grant.ahead
-            granted = trio.current_time()
-            try:
-                yield grant
-            except BaseException:
-                grant.measured = False  # cut short (client gone, upstream failed)
-                raise
-            finally:
-                record.gpu_s = trio.current_time() - granted
-                grant.load_s = record.load_s
-                if record.status not in (0, 200):
-                    grant.measured = False  # an error answer says nothing of the rate
 
     @asynccontextmanager
     async def hold(self, ask: Ask | None = None) -> AsyncIterator[Grant]:
@@ -238,7 +303,30 @@ class ChatGate:
         finally:
             self._release(ticket, grant.load_s, measured=grant.measured)
 
-    async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
+    def start_in_s(self, model: str) -> float:
+        """Estimated seconds until one more request for `model` would start here in arrival
+        order, behind the holders and everyone queued (its own load not counted); `inf`
+        while no slot is free and no generation has been measured here yet: a busy host
+        of unknown speed is not assumed to be about to free up (ADR 0020)."""
+        now = trio.current_time()
+        if self.busy >= self.capacity and not self.estimates.service:
+            return math.inf
+        return schedule.arrival_start(
+            self._slots(now),
+            [e.ask.model for e in sorted(self._queue.values(), key=lambda e: e.waiter.ticket)],
+            canonical_model(model),
+            capacity=self.capacity,
+            last_model=self._last_model,
+            estimates=self.estimates,
+        )
+
+    def is_resident(self, model: str) -> bool:
+        return self._is_resident(canonical_model(model))
+
+    def _enqueue(
+        self, ask: Ask, started: float, *, ticket: int | None = None, claim: Claim | None = None
+    ) -> _Entry:
+        ticket = next(self._tickets) if ticket is None else ticket
         ahead = len(self._queue)
         fifo_in_s = schedule.arrival_start(
             self._slots(started),
@@ -251,7 +339,15 @@ class ChatGate:
         deadline = started + fifo_in_s + self.settings.max_overtake_s
         rank = schedule.RANKS.get(ask.priority, schedule.RANKS["normal"])
         waiter = Waiter(ticket, ask.client, rank, ask.weight, ask.model, started, deadline)
-        entry = self._queue[ticket] = _Entry(waiter, ask)
+        entry = _Entry(waiter, ask, ahead=ahead, claim=claim)
+        if claim is not None:
+            entry.scope = claim.scope
+        self._queue[ticket] = entry
+        return entry
+
+    async def _wait(self, ticket: int, ask: Ask, started: float) -> Grant:
+        entry = self._enqueue(ask, started, ticket=ticket)
+        ahead, deadline = entry.ahead, entry.waiter.deadline
         if self.max_wait_s > 0:
             entry.scope.deadline = started + self.max_wait_s
         try:
@@ -283,6 +379,8 @@ class ChatGate:
         self._granted_total += 1
         self._last_model = ask.model
         self._last_grant_at = now
+        if loads and self.on_switch is not None:
+            self.on_switch()
         return self._granted_total
 
     def _release(self, ticket: int, load_s: float | None, *, measured: bool = False) -> None:
@@ -291,21 +389,90 @@ class ChatGate:
         held = now - holder.since
         self._usage.add(holder.ask.client, held, now)
         self._run_s += held
+        if holder.ask.model == self._last_model:
+            self._last_release_at = now
         if measured and holder.ask.model:
             self.estimates.note(holder.ask.model, held, load_s)
         self._dispatch(now)
 
     def _dispatch(self, now: float) -> None:
-        while self.busy < self.capacity and self._queue:
+        left: set[int] = set()  # waiters left for another host this time (ADR 0020)
+        while self.busy < self.capacity and len(self._queue) > len(left):
             waiter = schedule.pick(
-                [e.waiter for e in self._queue.values()], self._view(now), self.settings
+                [e.waiter for t, e in self._queue.items() if t not in left],
+                self._view(now),
+                self.settings,
             )
+            entry = self._queue[waiter.ticket]
+            if entry.claim is not None:
+                others = [g for g in entry.claim.entries if g is not self]
+                recheck = self._leave_for(entry.ask.model, waiter, others, now)
+                entry.recheck_at = math.inf if recheck is None else recheck
+                if recheck is not None:
+                    left.add(waiter.ticket)
+                    if recheck < entry.claim.until:
+                        entry.claim.poke()  # its task sleeps longer: it must wake by then
+                    continue
             if self.settings.order == "fair" and waiter.deadline <= now:
                 self.overdue_grants += 1
-            entry = self._queue.pop(waiter.ticket)
+            del self._queue[waiter.ticket]
             entry.granted = True
             entry.number = self._take(waiter.ticket, entry.ask, now)
-            entry.event.set()
+            if entry.claim is not None:
+                entry.claim._won(self)  # out of every other gate's queue, in this same step
+            else:
+                entry.event.set()
+
+    # ------------------------------------------------------------------ several hosts
+
+    def _leave_for(
+        self, model: str, waiter: Waiter, others: Sequence[ChatGate], now: float
+    ) -> float | None:
+        """Placement again at grant time (`schedule.defer_grant`, ADR 0020): None to grant
+        `waiter` here now, else the time by which to look at it again (its overtake
+        deadline, or when the model a load would evict leaves its affinity quantum); a
+        change of residency elsewhere (`on_switch`) or a release here looks sooner."""
+        if not others or self._is_resident(model):
+            return None
+        elsewhere = [
+            schedule.Elsewhere(g._is_resident(model), g._model_start_in_s(model, waiter.arrived))
+            for g in others
+        ]
+        in_use_until = self._in_use_until(model, now)
+        here = schedule.Swap(0.0, self.estimates.load_s(model), in_use_until > now)
+        if not schedule.defer_grant(here, elsewhere, overdue=waiter.deadline <= now):
+            return None
+        return min(waiter.deadline, in_use_until) if in_use_until > now else waiter.deadline
+
+    def _in_use_until(self, model: str, now: float) -> float:
+        """Until when a load of `model` here would evict a model still in use that no
+        other host has loaded: inf while it has holders or waiters here, else the end of
+        its affinity quantum after its last use; -inf when the load evicts nothing so."""
+        until = -math.inf
+        for other in self._resident() - {model}:
+            if any(p is not self and p._is_resident(other) for p in self.peers()):
+                continue
+            if any(h.ask.model == other for h in self._holders.values()) or any(
+                e.ask.model == other for e in self._queue.values()
+            ):
+                return math.inf
+            if other == self._last_model:
+                last = max(self._last_grant_at, self._last_release_at)
+                until = max(until, last + self.settings.quantum_s)
+        return until
+
+    def _model_start_in_s(self, model: str, arrived: float) -> float:
+        """Seconds until this gate would start a request for `model` that arrived at
+        `arrived`: a slot free, then the requests for it queued here ahead of it, on
+        measured times (the affinity rule keeps a loaded model's queue together)."""
+        slots = sorted(s.left_s for s in self._slots(trio.current_time()))
+        if len(slots) >= self.capacity and not self.estimates.service:
+            return math.inf  # busy, and no generation measured here yet: unknown
+        free = 0.0 if len(slots) < self.capacity else slots[0]
+        ahead = sum(
+            1 for e in self._queue.values() if e.ask.model == model and e.waiter.arrived < arrived
+        )
+        return free + ahead * self.estimates.service_s(model) / self.capacity
 
     # ------------------------------------------------------------------ what it knows
 
@@ -370,3 +537,22 @@ class ChatGate:
             order=self.settings.order,
             resident=tuple(sorted(self._resident())),
         )
+
+
+@asynccontextmanager
+async def noted(record: RequestRecord, grant: Grant) -> AsyncIterator[Grant]:
+    """Note a held grant in the request's record (wait, how many were ahead, GPU time),
+    and in the grant what the hold says of the service rate."""
+    record.gate_wait_s = grant.waited_s
+    record.gate_ahead = grant.ahead
+    granted = trio.current_time()
+    try:
+        yield grant
+    except BaseException:
+        grant.measured = False  # cut short (client gone, upstream failed)
+        raise
+    finally:
+        record.gpu_s = trio.current_time() - granted
+        grant.load_s = record.load_s
+        if record.status not in (0, 200):
+            grant.measured = False  # an error answer says nothing of the rate

@@ -9,87 +9,128 @@ per-client usage counters name the configured `[clients.*]` and count the rest a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.gate import ChatGate
+from gateway.hosts import Host, Hosts
 from gateway.record import RequestRecord
-from gateway.target.inventory import Inventory
-from gateway.target.warmup import EmbedWarmer
 from gateway.target.wire import canonical_model
 from gateway.usage.ledger import Ledger
 
+F = TypeVar("F", GaugeMetricFamily, CounterMetricFamily)
 MAX_MODELS = 64
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _Live(Collector):
-    def __init__(self, gate: ChatGate, inventory: Inventory, warmer: EmbedWarmer | None) -> None:
-        self._gate = gate
-        self._inventory = inventory
-        self._warmer = warmer
+    """The hosts' gates, inventories and warm-ups, read at scrape time. With several hosts
+    each family has a `host` label; with one, none (the names and samples of before)."""
+
+    def __init__(self, hosts: Hosts) -> None:
+        self._hosts = hosts
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        gate = self._gate
-        yield GaugeMetricFamily(
-            "gateway_gate_capacity", "Generations allowed at once.", gate.capacity
-        )
-        yield GaugeMetricFamily("gateway_gate_busy", "Generations running now.", gate.busy)
-        yield GaugeMetricFamily(
-            "gateway_gate_queue_depth", "Requests waiting for the gate.", gate.queued
-        )
+        hosts = self._hosts.all
+        labels = [] if len(hosts) == 1 else ["host"]
+
+        def family(kind: type[F], name: str, doc: str, value: Callable[[Host], float]) -> F:
+            metric = kind(name, doc, labels=labels)
+            for host in hosts:
+                metric.add_metric([host.name] if labels else [], value(host))
+            return metric
+
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        yield family(gauge, "gateway_gate_capacity", "Generations allowed at once.", _capacity)
+        yield family(gauge, "gateway_gate_busy", "Generations running now.", _busy)
+        yield family(gauge, "gateway_gate_queue_depth", "Requests waiting for the gate.", _queued)
         by_priority = GaugeMetricFamily(
             "gateway_gate_queue_depth_by_priority",
             "Requests waiting for the gate, by their client's priority.",
-            labels=["priority"],
+            labels=["priority", *labels],
         )
-        for priority, count in gate.queued_by_priority().items():
-            by_priority.add_metric([priority], count)
+        for host in hosts:
+            for priority, count in host.gate.queued_by_priority().items():
+                by_priority.add_metric([priority, host.name][: 1 + len(labels)], count)
         yield by_priority
-        yield CounterMetricFamily(
+        yield family(
+            counter,
+            "gateway_gate_grants",
+            "Generations granted the gate (with several hosts: how many each host ran).",
+            lambda h: h.gate.granted_total,
+        )
+        yield family(
+            counter,
             "gateway_gate_model_switches",
             "Grants of a model that was not loaded (Ollama loads it, unloading another).",
-            gate.switches,
+            lambda h: h.gate.switches,
         )
-        yield CounterMetricFamily(
+        yield family(
+            counter,
             "gateway_gate_overdue_grants",
             "Grants decided by the overtake bound (gate.max_overtake_s).",
-            gate.overdue_grants,
+            lambda h: h.gate.overdue_grants,
         )
-        inventory = self._inventory
-        yield GaugeMetricFamily(
+        yield family(
+            gauge,
             "gateway_inventory_degraded",
             "1 while the Ollama target is unreachable.",
-            int(inventory.degraded),
+            lambda h: int(h.inventory.degraded),
         )
-        age = inventory.age_s()
-        yield GaugeMetricFamily(
+        yield family(
+            gauge,
             "gateway_inventory_age_seconds",
             "Seconds since the last good inventory poll (-1: never).",
-            -1 if age is None else age,
+            _age,
         )
-        yield GaugeMetricFamily(
+        yield family(
+            gauge,
             "gateway_inventory_models",
             "Models installed on the target.",
-            len(inventory.snapshot.installed),
+            lambda h: len(h.inventory.snapshot.installed),
         )
-        yield CounterMetricFamily(
+        yield family(
+            counter,
             "gateway_inventory_poll_failures",
             "Inventory polls that failed.",
-            inventory.poll_failures,
+            lambda h: h.inventory.poll_failures,
         )
-        yield CounterMetricFamily(
-            "gateway_inventory_recoveries", "Recoveries from degraded mode.", inventory.recoveries
+        yield family(
+            counter,
+            "gateway_inventory_recoveries",
+            "Recoveries from degraded mode.",
+            lambda h: h.inventory.recoveries,
         )
-        if self._warmer is not None:
-            yield CounterMetricFamily(
-                "gateway_embed_warmups", "Embedder loads with keep_alive -1.", self._warmer.warmups
+        warmed = [h for h in hosts if h.warmer is not None]
+        if warmed:
+            warmups = CounterMetricFamily(
+                "gateway_embed_warmups", "Embedder loads with keep_alive -1.", labels=labels
             )
+            for host in warmed:
+                assert host.warmer is not None
+                warmups.add_metric([host.name] if labels else [], host.warmer.warmups)
+            yield warmups
+
+
+def _capacity(host: Host) -> float:
+    return host.gate.capacity
+
+
+def _busy(host: Host) -> float:
+    return host.gate.busy
+
+
+def _queued(host: Host) -> float:
+    return host.gate.queued
+
+
+def _age(host: Host) -> float:
+    age = host.inventory.age_s()
+    return -1 if age is None else age
 
 
 class _LedgerFigures(Collector):
@@ -125,16 +166,17 @@ OTHER_CLIENT = "other"
 class Metrics:
     def __init__(
         self,
-        gate: ChatGate,
-        inventory: Inventory,
-        warmer: EmbedWarmer | None,
+        hosts: Hosts,
         *,
         ledger: Ledger | None = None,
         clients: Iterable[str] = (),
     ) -> None:
         self.registry = CollectorRegistry()
         self._clients = frozenset(clients)
-        self._inventory = inventory
+        self._hosts = hosts
+        # With several hosts, the per-request GPU figures carry the host's name too.
+        self._by_host = not hosts.single
+        host_label = ["host"] if self._by_host else []
         self._cloud_models: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
@@ -147,6 +189,7 @@ class Metrics:
         self.gate_wait = Histogram(
             "gateway_gate_wait_seconds",
             "Time queued for the chat gate.",
+            host_label,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -190,10 +233,10 @@ class Metrics:
         self.client_gpu = Counter(
             "gateway_client_gpu_seconds",
             "Seconds each client held the GPU host's gate (configured names, else other).",
-            ["client"],
+            ["client", *host_label],
             registry=r,
         )
-        r.register(_Live(gate, inventory, warmer))
+        r.register(_Live(hosts))
         if ledger is not None and ledger.enabled:
             r.register(_LedgerFigures(ledger))
 
@@ -204,7 +247,7 @@ class Metrics:
         if not model:
             return ""
         if provider == "ollama":
-            return canonical_model(model) if self._inventory.has_model(model) else "other"
+            return canonical_model(model) if self._hosts.has_model(model) else "other"
         if model in self._cloud_models:
             return model
         if len(self._cloud_models) < MAX_MODELS:
@@ -216,6 +259,8 @@ class Metrics:
         """`metric.labels(*labels)`, looked up once per label set: prometheus-client
         validates and locks on every `labels()` call, and this runs once per request.
         Bounded because every label is (routes, statuses, providers, token names)."""
+        if not labels:
+            return metric
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
@@ -226,8 +271,9 @@ class Metrics:
         provider = record.provider
         child = self._child
         child(self.requests, record.route, str(record.status), provider, record.client_name).inc()
+        host = (record.host or self._hosts.first.name,) if self._by_host else ()
         if record.gate_wait_s is not None:
-            self.gate_wait.observe(record.gate_wait_s)
+            child(self.gate_wait, *host).observe(record.gate_wait_s)
         if record.upstream_headers_s is not None:
             child(self.upstream_first_byte, provider).observe(record.upstream_headers_s)
         if record.upstream_s is not None:
@@ -248,7 +294,7 @@ class Metrics:
             if record.tokens_out:
                 child(self.client_tokens, client, provider, "out").inc(record.tokens_out)
             if record.gpu_s:
-                child(self.client_gpu, client).inc(record.gpu_s)
+                child(self.client_gpu, client, *host).inc(record.gpu_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ class RequestRecord:
     client_name: str = ""  # the inbound token's name, when auth is on
     model: str = ""
     provider: str = ""
+    host: str = ""  # the GPU host's name, for local work (ADR 0020)
     status: int = 0
     gate_wait_s: float | None = None
     gate_ahead: int | None = None  # requests queued for the gate when this one arrived
@@ -92,6 +93,7 @@ class RequestRecord:
             "route": self.route,
             "model": self.model or None,
             "provider": self.provider or None,
+            "host": self.host or None,
             "status": self.status,
             "client": self.client,
             "client_name": self.client_name or None,

@@ -17,6 +17,10 @@ gateway, so the policy is tested alone and the gate (`gateway.gate`) only feeds 
    decaying window (divided by its weight) goes first; its earliest request is served.
 
 `order = "arrival"` skips all of it: first come, first served.
+
+With several GPU hosts, `defer_grant` is placement decided again when a gate is about to
+grant a waiter queued on other hosts too (ADR 0020): it may leave it for a host that has
+its model loaded, never past its deadline, so the bound above holds per host.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ PRIORITY_NAMES = tuple(RANKS)
 # A load_duration shorter than this is Ollama touching a model that was already loaded.
 LOAD_NOISE_S = 0.25
 _EWMA = 0.3  # weight of the newest observation in the service-time averages
+# A swap never costs less than this in the estimates: a load not yet measured is not free.
+MIN_SWAP_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +220,52 @@ def plan(
         free.append(start + cost)
         free.sort()
     return starts
+
+
+# ------------------------------------------------ several hosts: placement at grant time
+
+
+@dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """Another of the waiter's candidate hosts, at the moment this host would grant it."""
+
+    resident: bool  # the waiter's model is loaded (or loading) there
+    start_in_s: float  # seconds until it would start the waiter: a slot free there, plus
+    # the requests for the model queued there ahead of it (one host's model queue)
+
+
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """This host granting a waiter whose model it does not have loaded."""
+
+    start_in_s: float  # seconds until this host would start it (0: a slot is free now)
+    swap_s: float  # estimated load time of the model here
+    evicts_in_use: bool  # the load unloads a model loaded on no other host that still
+    # has waiters here or ran within the affinity quantum
+
+
+def defer_grant(
+    here: Swap, elsewhere: Sequence[Elsewhere], *, overdue: bool, min_swap_s: float = MIN_SWAP_S
+) -> bool:
+    """Whether a host about to grant a waiter (by its scheduler's pick) whose model it does
+    not have loaded leaves it for another candidate host instead (ADR 0020, at grant time).
+
+    Placement at arrival is stale by the time a slot frees: the model may have been loaded
+    on another host since. So, with the residency of this moment:
+
+    - a waiter past its overtake deadline is granted anyway (ADR 0017's bound, per host);
+    - if no other candidate host has the model loaded, this host loads it;
+    - if the load would evict a model that no other host has and that is still in use
+      here, the model loaded elsewhere is not worth two swaps: leave it there;
+    - otherwise leave it while a host with the model loaded would start it sooner than
+      this host could after the swap; so a model is loaded on a second host only when its
+      queue on the first is longer than a swap.
+    """
+    if overdue:
+        return False
+    loaded = [e.start_in_s for e in elsewhere if e.resident]
+    if not loaded:
+        return False
+    if here.evicts_in_use:
+        return True
+    return min(loaded) < here.start_in_s + max(here.swap_s, min_swap_s)

@@ -26,6 +26,7 @@ FIELDS = {
     "route",
     "model",
     "provider",
+    "host",
     "status",
     "client",
     "client_name",

@@ -19,7 +19,7 @@ import trio.testing
 import trustme
 
 from gateway.errors import BadRequest, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
-from gateway.h1 import client as client_module
+from gateway.h1 import connection as connection_module
 from gateway.h1.client import ConnectionPool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -814,7 +814,7 @@ async def test_a_body_that_is_always_ready_still_lets_other_tasks_run(
     download) must still yield now and then, or the rest of the gateway stalls. Here the
     whole body is in the socket buffers before the first read (small reads, so that a
     body that fits in the buffers takes many)."""
-    monkeypatch.setattr(client_module, "READ_BYTES", 512)
+    monkeypatch.setattr(connection_module, "READ_BYTES", 512)
     body = b"x" * (64 * 512)
     sent = trio.Event()
 

@@ -143,7 +143,7 @@ def _seed_last_hour(gw: RunningGateway) -> None:
         if (seed >> 8) % 4 == 0:  # the queue moves one at a time
             queue = max(0, min(4 if rush else 1, queue + (1 if (seed >> 12) % 2 else -1)))
         busy = 1.0 if queue or (seed >> 16) % 3 else round(((seed >> 20) % 10) / 10, 1)
-        history.note("local", "up", queue, busy, t, wall)
+        history.note("default", "up", queue, busy, t, wall)
 
 
 async def test_page_follows_the_gpu_and_the_usage_live(
@@ -190,7 +190,7 @@ async def test_page_follows_the_gpu_and_the_usage_live(
         driver.get(f"{gw.url}/status")
         driver.find_element(By.ID, "token").send_keys("tok-ops-browser")
         driver.find_element(By.ID, "login-submit").click()
-        wait_for("the hosts after logging in", lambda: "local" in text_of("#hosts .host h3"))
+        wait_for("the hosts after logging in", lambda: "default" in text_of("#hosts .host h3"))
 
     await in_browser(log_in)
 

@@ -300,7 +300,9 @@ async def test_a_degraded_host_says_why_and_since_when(
     await ollama.set_down(True)
     await gw.services.inventory.refresh()
     # The sampler notes the change at its next sample (once a second).
-    await eventually(lambda: gw.services.status.history.since("local") != up["since"], timeout_s=3)
+    await eventually(
+        lambda: gw.services.status.history.since("default") != up["since"], timeout_s=3
+    )
     down = (await status_of(gw))["hosts"][0]
     assert down["status"] == "degraded"
     assert ollama.url.split("//")[1] in down["why"]

@@ -160,28 +160,32 @@ def gate_lists(figures: GateFigures, now: float) -> tuple[list[Generation], list
 
 
 def host_views(services: Services, now: float) -> list[HostView]:
-    """Every GPU host as the page shows it; `since` is left to the sampler, which sees
-    status changes. The one function that knows how hosts are held in `Services`."""
-    inventory = services.inventory
-    figures = services.gate.figures()
-    generations, queue = gate_lists(figures, now)
-    polled_at = inventory.snapshot.polled_at
-    return [
-        HostView(
-            name="local",
-            url=inventory.target,
-            status="degraded" if inventory.degraded else "up",
-            why=(inventory.last_error or None) if inventory.degraded else None,
-            last_good_poll=iso(polled_at) if polled_at else None,
-            installed=sorted(inventory.snapshot.installed),
-            resident=sorted(set(inventory.snapshot.loaded) | set(figures.resident)),
-            capacity=figures.capacity,
-            max_queue=figures.max_queue,
-            generations=generations,
-            queued=len(queue),
-            queue=queue[:QUEUE_SHOWN],
+    """Every GPU host as the page shows it, in configuration order; `since` is left to the
+    sampler, which sees status changes. The one function that knows how hosts are held
+    in `Services` (ADR 0020: `services.hosts`)."""
+    views = []
+    for host in services.hosts:
+        inventory = host.inventory
+        figures = host.gate.figures()
+        generations, queue = gate_lists(figures, now)
+        polled_at = inventory.snapshot.polled_at
+        views.append(
+            HostView(
+                name=host.name,
+                url=host.url,
+                status="degraded" if inventory.degraded else "up",
+                why=(inventory.last_error or None) if inventory.degraded else None,
+                last_good_poll=iso(polled_at) if polled_at else None,
+                installed=sorted(inventory.snapshot.installed),
+                resident=sorted(set(inventory.snapshot.loaded) | set(figures.resident)),
+                capacity=figures.capacity,
+                max_queue=figures.max_queue,
+                generations=generations,
+                queued=len(queue),
+                queue=queue[:QUEUE_SHOWN],
+            )
         )
-    ]
+    return views
 
 
 # ---------------------------------------------------------------------- providers

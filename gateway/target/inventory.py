@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -68,6 +69,9 @@ class Inventory:
         self._polled = trio.Event()
         self._polled_clock = -float("inf")  # trio time of the last good poll
         self._loaded_set: frozenset[str] = frozenset()
+        # Called when the target goes down or comes back (the hosts layer re-places the
+        # requests queued for it).
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def target(self) -> str:
@@ -147,10 +151,15 @@ class Inventory:
         if self.degraded:
             raise self._degraded_error()
 
+    @property
+    def retry_after_s(self) -> int:
+        """What a 503 for a degraded target tells its client: the next poll."""
+        return max(1, int(self._degraded_poll_interval_s))
+
     def _degraded_error(self) -> TargetDegraded:
         return TargetDegraded(
             f"{self.last_error}; the gateway retries by itself and recovers when it answers",
-            retry_after_s=max(1, int(self._degraded_poll_interval_s)),
+            retry_after_s=self.retry_after_s,
         )
 
     async def _poll_once(self) -> None:
@@ -180,6 +189,7 @@ class Inventory:
         if self.degraded:
             self.degraded = False
             self.last_error = ""
+            self._changed()
             if self._ever_polled:
                 self.recoveries += 1
                 log.warning("Ollama target %s answers again; degraded mode is over", self.target)
@@ -200,5 +210,11 @@ class Inventory:
         if not self.degraded or not self._ever_polled:
             kept = len(self.snapshot.installed)
             log.warning("%s; serving degraded with %d known models until it answers", reason, kept)
-        self.degraded = True
+        was_degraded, self.degraded = self.degraded, True
         self.last_error = reason
+        if not was_degraded:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Ledger:
         path: Path | None,
         *,
         local_host: str = "",
+        host_labels: Mapping[str, str] | None = None,
         retention_days: int = 0,
         buffer_records: int = 10_000,
         flush_interval_s: float = 0.0,
@@ -53,6 +54,8 @@ class Ledger:
         self.path = path
         self.clock = clock
         self._local_host = local_host
+        # The host column of local work: by the record's host name (ADR 0020).
+        self._host_labels = dict(host_labels or {})
         self._retention_s = retention_days * DAY_S
         self._capacity = buffer_records
         self._flush_interval_s = flush_interval_s
@@ -95,7 +98,7 @@ class Ledger:
                 record.who,
                 record.route,
                 provider,
-                self._local_host if provider == LOCAL else "",
+                self._host_column(record) if provider == LOCAL else "",
                 record.model,
                 record.status,
                 record.tokens_in,
@@ -106,6 +109,11 @@ class Ledger:
             )
         )
         self._wake.set()
+
+    def _host_column(self, record: RequestRecord) -> str:
+        if not record.host:
+            return self._local_host
+        return self._host_labels.get(record.host, record.host)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the file, prune, report started; then write batches until cancelled, and

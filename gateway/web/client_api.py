@@ -93,7 +93,7 @@ class ClientAPIRoutes:
         record: RequestRecord,
     ) -> Callable[[], Awaitable[None]]:
         record.provider, record.model = LOCAL, model
-        await self._s.inventory.require_model(model)
+        await self._s.hosts.require_model(model)
         if model != name:
             body = with_model(body, model)
         forward = Forward(
@@ -107,8 +107,8 @@ class ClientAPIRoutes:
             protocol=protocol,
         )
         if not protocol.gated:
-            return forward.plain
-        self._s.gate.check_admission()
+            return forward.embedding(model)
+        self._s.hosts.check_admission(model)
         return forward.gated(model)
 
     def _cloud(

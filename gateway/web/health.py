@@ -10,22 +10,22 @@ import msgspec
 import trio
 from quart import Quart, Response, request
 
+from gateway.hosts import Host
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.services import Services
 
 _encode = msgspec.json.Encoder().encode
 
 
-def snapshot(services: Services) -> dict[str, Any]:
-    inventory = services.inventory
-    gate = services.gate.figures()
-    now = trio.current_time()
+def host_snapshot(host: Host, now: float) -> dict[str, Any]:
+    """One GPU host: its inventory, its gate and its embedder."""
+    inventory = host.inventory
+    gate = host.gate.figures()
     polled_at = inventory.snapshot.polled_at
     age = inventory.age_s()
     body: dict[str, Any] = {
         "status": "degraded" if inventory.degraded else "ok",
         "degraded": inventory.degraded,
-        "draining": services.drain.draining,
         "target": inventory.target,
         "last_good_poll": (
             datetime.fromtimestamp(polled_at, UTC).isoformat(timespec="seconds")
@@ -65,19 +65,54 @@ def snapshot(services: Services) -> dict[str, Any]:
                 for w in gate.waiters
             ],
         },
-        "in_flight": services.drain.active,
     }
-    if services.warmer is not None:
+    if host.warmer is not None:
         body["embed_model"] = {
-            "name": services.warmer.model,
-            "loaded": inventory.is_loaded(services.warmer.model),
-            "warmups": services.warmer.warmups,
+            "name": host.warmer.model,
+            "loaded": inventory.is_loaded(host.warmer.model),
+            "warmups": host.warmer.warmups,
         }
     return body
 
 
+def snapshot(services: Services) -> dict[str, Any]:
+    """With one host, its figures at the top level as before several hosts existed; with
+    several, the totals there. Either way each host's own under `hosts` (ADR 0020)."""
+    now = trio.current_time()
+    hosts = services.hosts
+    each = {host.name: host_snapshot(host, now) for host in hosts}
+    if hosts.single:
+        # The one host's figures at the top level, in the order of before.
+        host = dict(each[hosts.first.name])
+        embed = host.pop("embed_model", None)
+        status, degraded = host.pop("status"), host.pop("degraded")
+        body = {"status": status, "degraded": degraded, "draining": services.drain.draining}
+        body.update(host)
+        body["in_flight"] = services.drain.active
+        if embed is not None:
+            body["embed_model"] = embed
+    else:
+        degraded = [h.name for h in hosts if not h.healthy]
+        body = {
+            "status": "degraded" if degraded else "ok",
+            "degraded": bool(degraded),
+            "draining": services.drain.draining,
+            "degraded_hosts": degraded,
+            "models": len({m for h in hosts for m in h.inventory.snapshot.installed}),
+            "loaded": sorted({m for h in hosts for m in h.inventory.snapshot.loaded}),
+            "in_flight": services.drain.active,
+        }
+    body["hosts"] = each
+    return body
+
+
 def is_ready(services: Services) -> bool:
-    return not services.inventory.degraded and not services.drain.draining
+    """Ready while at least one GPU host serves and the gateway is not draining."""
+    return services.hosts.ready and not services.drain.draining
+
+
+def _status(services: Services) -> str:
+    return "ok" if all(h.healthy for h in services.hosts) else "degraded"
 
 
 def register(app: Quart, services: Services) -> None:
@@ -95,5 +130,5 @@ def register(app: Quart, services: Services) -> None:
     @app.get("/ready")
     async def ready() -> Response:
         ok = is_ready(services)
-        body = {"ready": ok, "status": "degraded" if services.inventory.degraded else "ok"}
+        body = {"ready": ok, "status": _status(services)}
         return Response(_encode(body), status=200 if ok else 503, content_type="application/json")

@@ -114,7 +114,10 @@ class ModelsRoutes:
             await responder.fail(exc)
 
     async def listing(self) -> list[dict[str, Any]]:
-        installed = self._s.inventory.snapshot.installed
+        installed: dict[str, ModelEntry] = {}
+        for host in self._s.hosts:  # the union: the first host's entry of each model
+            for key, entry in host.inventory.snapshot.installed.items():
+                installed.setdefault(key, entry)
         data = [
             local_model(entry.model or entry.name or key, entry)
             for key, entry in sorted(installed.items())
@@ -131,8 +134,16 @@ class ModelsRoutes:
     async def one(self, name: str) -> dict[str, Any]:
         resolved = resolve(name)
         if resolved.provider == LOCAL:
-            await self._s.inventory.require_model(resolved.model)
-            entry = self._s.inventory.snapshot.installed.get(canonical_model(resolved.model))
+            await self._s.hosts.require_model(resolved.model)
+            key = canonical_model(resolved.model)
+            entry = next(
+                (
+                    h.inventory.snapshot.installed[key]
+                    for h in self._s.hosts
+                    if key in h.inventory.snapshot.installed
+                ),
+                None,
+            )
             return local_model(name, entry)
         api = self._s.registry.client_api(resolved.provider, name)
         model = api.upstream_model(resolved.model)

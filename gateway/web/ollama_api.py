@@ -25,7 +25,10 @@ from gateway.errors import (
     MethodNotAllowed,
     RouteMissing,
     UpstreamError,
+    UpstreamUnavailable,
 )
+from gateway.hosts import Host
+from gateway.hosts.listing import host_param
 from gateway.pinning import pin_body, pin_for, pins_of
 from gateway.providers.client_api import OLLAMA_CLOUD, ClientAPI
 from gateway.providers.protocols import Protocol, UsageTally, strip_cloud_tag, with_model
@@ -49,6 +52,7 @@ from gateway.web.asgi import (
 from gateway.web.bodies import decode_body
 from gateway.web.cloud_relay import relay_cloud
 from gateway.web.cloud_tags import CloudTags, merged
+from gateway.web.listings import serve_union
 
 
 class Kind(enum.Enum):
@@ -194,18 +198,20 @@ class OllamaProxy:
                 pin = pin_for(self._pins, model)
                 if pin is not None:
                     forward.body = pin_body(body, pin)
-                self._s.gate.check_admission()
+                self._s.hosts.check_admission(model)
                 await self._run(scope, receive, responder, forward.gated(model))
             case Kind.EMBED:
-                await self._known_model(body, record)
-                await self._run(scope, receive, responder, forward.plain)
+                model = await self._known_model(body, record)
+                await self._run(scope, receive, responder, forward.embedding(model))
             case Kind.SHOW:
-                parse_routing(body)
+                forward.host = self._s.hosts.for_model(parse_routing(body).model_name)
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.LISTING:
                 work = forward.listing(path)
                 if path == "/api/tags" and self._cloud_tags is not None:
                     work = forward.with_cloud_tags(self._cloud_tags)
+                elif not self._s.hosts.single:
+                    work = forward.union(path)
                 await self._run(scope, receive, responder, work)
             case Kind.MANAGE:
                 if not self._s.config.ollama.allow_management:
@@ -217,8 +223,13 @@ class OllamaProxy:
                     raise BadRequest(
                         f"{path!r} is not a blob: expected /api/blobs/sha256:<64 hex digits>"
                     )
+                name, rest = host_param(scope.get("query_string") or b"")
+                forward.host = self._s.hosts.named(name, path)
+                if name is not None:
+                    forward.path = path + (f"?{rest}" if rest else "")
                 await self._run(scope, receive, responder, forward.plain)
             case Kind.INFO:
+                forward.host = self._s.hosts.any_host()
                 await self._run(scope, receive, responder, forward.plain)
 
     def _cloud_model(self, body: bytes) -> tuple[ClientAPI, str] | None:
@@ -242,7 +253,7 @@ class OllamaProxy:
         if not model:
             raise BadRequest("model is required")
         record.model = model
-        await self._s.inventory.require_model(model)
+        await self._s.hosts.require_model(model)
         return model
 
     async def _run(
@@ -274,7 +285,8 @@ class Forward:
         self._record = record
         self._sent = 0.0
         self._method = method
-        self._path = path
+        self.path = path
+        self.host = services.hosts.first  # where `plain` goes: routes choose another
         self.body = body  # what goes upstream: as received, or with pinned load options
         self._content_type = content_type
         self.responder = responder
@@ -284,32 +296,66 @@ class Forward:
         self._protocol = protocol
 
     async def plain(self) -> None:
+        await self._send(self.host, retry=False)
+
+    async def _send(self, host: Host, *, retry: bool) -> None:
+        """Send to `host` and relay its answer. With `retry`, a connection the host refused
+        (nothing of the request reached it) is raised as is, for the hosts layer to try
+        another host; any other failure is this host's, said to the client."""
+        self.host = host
         record = self._record
+        record.host = host.name
         sent = self._sent = trio.current_time()
         try:
-            async with self._s.target.raw(
-                self._method, self._path, self.body, content_type=self._content_type
+            async with host.target.raw(
+                self._method, self.path, self.body, content_type=self._content_type
             ) as upstream:
                 record.upstream_headers_s = trio.current_time() - sent
                 await self._relay(upstream)
+        except UpstreamUnavailable as exc:
+            if retry and not self.responder.started:
+                raise
+            raise host.inventory.note_failure(exc) from exc
         except UpstreamError as exc:
-            raise self._s.inventory.note_failure(exc) from exc
+            raise host.inventory.note_failure(exc) from exc
         finally:
             if record.upstream_s is None and record.upstream_headers_s is not None:
                 record.upstream_s = trio.current_time() - sent
 
     def gated(self, model: str) -> Callable[[], Awaitable[None]]:
-        """The work under the GPU host's gate: every generation route holds it here."""
+        """The work under a GPU host's gate: every generation route holds one here, on the
+        host placement binds it to (ADR 0020)."""
+
+        async def on(host: Host) -> None:
+            await self._send(host, retry=True)
 
         async def run() -> None:
-            async with self._s.gate.serve(self._record, model):
-                await self.plain()
+            await self._s.hosts.generate(self._record, model, on)
+
+        return run
+
+    def embedding(self, model: str) -> Callable[[], Awaitable[None]]:
+        """An embedding, never gated, on a host with the model resident if any."""
+
+        async def on(host: Host) -> None:
+            await self._send(host, retry=True)
+
+        async def run() -> None:
+            await self._s.hosts.embed(self._record, model, on)
+
+        return run
+
+    def union(self, path: str) -> Callable[[], Awaitable[None]]:
+        """`/api/tags` or `/api/ps` with several hosts (`web.listings`)."""
+
+        async def run() -> None:
+            await serve_union(self._s.hosts, path, self._method, self.responder)
 
         return run
 
     def listing(self, path: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            inventory = self._s.inventory
+            inventory = self.host.inventory
             if not inventory.degraded:
                 try:
                     await self.plain()
@@ -335,11 +381,14 @@ class Forward:
         """`/api/tags` with Ollama Cloud's models after the local ones (`list_in_tags`)."""
 
         async def run() -> None:
-            inventory = self._s.inventory
+            if not self._s.hosts.single:
+                await serve_union(self._s.hosts, "/api/tags", self._method, self.responder, cloud)
+                return
+            inventory = self.host.inventory
             local = inventory.snapshot.tags_body
             if not inventory.degraded:
                 try:
-                    async with self._s.target.raw("GET", "/api/tags") as upstream:
+                    async with self.host.target.raw("GET", "/api/tags") as upstream:
                         data = await upstream.read()
                         if upstream.status != 200:
                             await self._relay_read(upstream, data)
@@ -376,7 +425,7 @@ class Forward:
                 if upstream.status == 404:
                     self._check_route(upstream, data)
                 # An error a client-API SDK shows its user: never with the target's token.
-                scrubbed = self._s.target.scrub(data.decode("utf-8", "surrogateescape"))
+                scrubbed = self.host.target.scrub(data.decode("utf-8", "surrogateescape"))
                 data = scrubbed.encode("utf-8", "surrogateescape")
                 length = b"%d" % len(data)
             if self._record.model and upstream.status == 200:
@@ -408,7 +457,7 @@ class Forward:
                     kept_bytes += len(chunk)
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
-            self._s.inventory.note_failure(exc)
+            self.host.inventory.note_failure(exc)
             await self.responder.fail(exc, mid_line=frames.mid_line)
             return
         if ndjson and self._record.model:
@@ -429,7 +478,7 @@ class Forward:
                 self._record.frames_out += chunk.count(b"\n\n")
                 await self.responder.chunk(chunk)
         except UpstreamError as exc:
-            self._s.inventory.note_failure(exc)
+            self.host.inventory.note_failure(exc)
             await self.responder.fail(exc, mid_line=watch.mid_event)
             return
         finally:
