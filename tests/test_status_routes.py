@@ -385,3 +385,41 @@ async def test_hidden_names_without_auth_hide_every_name(
     (row,) = body["usage"]["clients_today"]
     assert re.fullmatch(r"client-[0-9a-f]{6}", row["name"])
     assert "127.0.0.1" not in json.dumps(body["usage"])
+
+
+async def test_every_gpu_host_is_on_the_page_with_its_own_holder(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """Several hosts (ADR 0020): one card each, in configuration order, each with the
+    generation it runs; the request placed on a host shows there and nowhere else."""
+    hosts = {}
+    for name, model in (("mac", "llama3:latest"), ("tower", "qwen2.5:7b")):
+        emulator = OllamaEmulator(["llama3:latest", "qwen2.5:7b"])
+        emulator.loaded[model] = None  # resident before the first poll
+        emulator.hold = trio.Event()
+        await nursery.start(emulator.run)
+        hosts[name] = emulator
+    config = make_config(
+        hosts["mac"].url, ollama={"hosts": {n: {"url": e.url} for n, e in hosts.items()}}
+    )
+    gw = await start_gateway(config, environ=TOKENS)
+
+    async def generate(token: str, model: str) -> None:
+        body = {**chat("hello"), "model": model}
+        response = await gw.client.post("/api/chat", json=body, headers=bearer(token))
+        assert response.status_code == 200
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(generate, ALICE, "llama3")
+        clients.start_soon(generate, BOB, "qwen2.5:7b")
+        with trio.fail_after(5):
+            await eventually(lambda: all(e.active_generations == 1 for e in hosts.values()))
+        body = await status_of(gw, ADMIN)
+        assert [h["name"] for h in body["hosts"]] == ["mac", "tower"]
+        by_name = {h["name"]: h for h in body["hosts"]}
+        assert [g["client"] for g in by_name["mac"]["generations"]] == ["alice"]
+        assert [g["client"] for g in by_name["tower"]["generations"]] == ["bob"]
+        assert by_name["mac"]["url"] == hosts["mac"].url
+        assert all(h["status"] == "up" for h in body["hosts"])
+        for emulator in hosts.values():
+            emulator.hold.set()
