@@ -30,7 +30,7 @@ import trio
 from tests.conftest import RunningGateway, StartGateway, eventually, make_config, stop_gateway
 from tests.emulators import Faults, OllamaEmulator, OpenAIEmulator
 
-DEADLINE_S = 0.5  # first byte, idle, and provider timeouts in these tests
+DEADLINE_S = 1.5  # first byte, idle, and provider timeouts in these tests
 OPENROUTER_KEY = "sk-faults-openrouter"
 CLOUD_KEY = "faults-cloud-key"
 OPENROUTER_MODEL = "openrouter/openai/gpt-4o-mini"
