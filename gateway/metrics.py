@@ -174,7 +174,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._clients = frozenset(clients)
         self._hosts = hosts
-        # With several hosts, the per-request GPU figures carry the host's name too.
+        # With several hosts, the per-request figures carry the host's name too ("" for
+        # a request that reached no GPU host: cloud, refused before placement).
         self._by_host = not hosts.single
         host_label = ["host"] if self._by_host else []
         self._cloud_models: set[str] = set()
@@ -183,7 +184,7 @@ class Metrics:
         self.requests = Counter(
             "gateway_requests",
             "Requests answered.",
-            ["route", "status", "provider", "client"],
+            ["route", "status", "provider", "client", *host_label],
             registry=r,
         )
         self.gate_wait = Histogram(
@@ -196,14 +197,14 @@ class Metrics:
         self.upstream_first_byte = Histogram(
             "gateway_upstream_first_byte_seconds",
             "Upstream time to answer headers.",
-            ["provider"],
+            ["provider", *host_label],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_total = Histogram(
             "gateway_upstream_seconds",
             "Upstream time to the end of the answer.",
-            ["provider"],
+            ["provider", *host_label],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -213,14 +214,14 @@ class Metrics:
         self.model_load = Histogram(
             "gateway_model_load_seconds",
             "Ollama's load_duration per answer; seconds-long values are cold model loads.",
-            ["model"],
+            ["model", *host_label],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=r,
         )
         self.eval_rate = Histogram(
             "gateway_tokens_per_second",
             "Generation speed from Ollama's final frames.",
-            ["provider", "model"],
+            ["provider", "model", *host_label],
             buckets=(1, 5, 10, 20, 40, 80, 160, 320),
             registry=r,
         )
@@ -270,23 +271,26 @@ class Metrics:
     def observe(self, record: RequestRecord) -> None:
         provider = record.provider
         child = self._child
-        child(self.requests, record.route, str(record.status), provider, record.client_name).inc()
+        at = (record.host,) if self._by_host else ()  # where it ran ("" for no GPU host)
+        child(
+            self.requests, record.route, str(record.status), provider, record.client_name, *at
+        ).inc()
         host = (record.host or self._hosts.first.name,) if self._by_host else ()
         if record.gate_wait_s is not None:
             child(self.gate_wait, *host).observe(record.gate_wait_s)
         if record.upstream_headers_s is not None:
-            child(self.upstream_first_byte, provider).observe(record.upstream_headers_s)
+            child(self.upstream_first_byte, provider, *at).observe(record.upstream_headers_s)
         if record.upstream_s is not None:
-            child(self.upstream_total, provider).observe(record.upstream_s)
+            child(self.upstream_total, provider, *at).observe(record.upstream_s)
         model = self.model_label(provider, record.model)
         if record.tokens_in:
             self.tokens.labels(provider, model, "in").inc(record.tokens_in)
         if record.tokens_out:
             self.tokens.labels(provider, model, "out").inc(record.tokens_out)
         if record.load_s is not None:
-            self.model_load.labels(model).observe(record.load_s)
+            child(self.model_load, model, *at).observe(record.load_s)
         if record.eval_rate is not None:
-            self.eval_rate.labels(provider, model).observe(record.eval_rate)
+            child(self.eval_rate, provider, model, *at).observe(record.eval_rate)
         if record.tokens_in or record.tokens_out or record.gpu_s:
             client = self.client_label(record.who)
             if record.tokens_in:

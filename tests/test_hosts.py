@@ -317,6 +317,13 @@ async def test_health_and_metrics_per_host(
     assert 'gateway_gate_wait_seconds_count{host="b"} 1.0' in text
     assert 'gateway_gate_grants_total{host="a"} 0.0' in text
     assert 'gateway_gate_grants_total{host="b"} 1.0' in text
+    # Per-request figures say where the request ran (speed and latency differ by host).
+    assert (
+        'gateway_requests_total{client="",host="b",provider="ollama",route="/api/chat",'
+        'status="200"} 1.0'
+    ) in text
+    assert 'gateway_upstream_seconds_count{host="b",provider="ollama"} 1.0' in text
+    assert 'gateway_tokens_per_second_count{host="b",model="qwen2.5:7b",provider="ollama"}' in text
 
 
 async def test_management_routes_need_a_host_when_there_are_several(
