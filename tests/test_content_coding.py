@@ -201,3 +201,4 @@ def test_an_unknown_coding_is_a_415_naming_it_and_what_is_supported(header: str)
 
 def test_an_empty_body_has_nothing_to_decode() -> None:
     assert decode_content("gzip", b"", LIMIT) == b""
+    assert decode_content("br", b"", LIMIT) == b""  # a GET with the header: no content

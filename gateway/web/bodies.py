@@ -8,7 +8,7 @@ import msgspec
 from quart import Request
 
 from gateway.errors import BadRequest
-from gateway.web.content_coding import decode_content
+from gateway.web.content_coding import decoded
 
 T = TypeVar("T")
 
@@ -20,7 +20,7 @@ async def request_body(request: Request, limit: int) -> bytes:
     encoding = request.headers.getlist("Content-Encoding")
     if not encoding:
         return body
-    return decode_content(",".join(encoding), body, limit)
+    return await decoded(",".join(encoding), body, limit)
 
 
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable
 
+import trio
 import zstandard
 
 from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -150,6 +151,8 @@ def decode_content(encoding: str, body: bytes, limit: int) -> bytes:
     Raises UnsupportedMediaType (415) for a coding the gateway does not decode,
     BadRequest (400) naming the coding for data that is not valid in it, and
     PayloadTooLarge (413) as soon as the output passes `limit`."""
+    if not body:
+        return body  # nothing was coded (a GET, a HEAD)
     codings = codings_of(encoding)
     unknown = [coding for coding in codings if coding not in _DECODERS]
     if unknown:
@@ -158,8 +161,6 @@ def decode_content(encoding: str, body: bytes, limit: int) -> bytes:
             f" request bodies may be sent in {SUPPORTED} (or identity)",
             accept_encoding=SUPPORTED,
         )
-    if not body:
-        return body  # nothing was coded (a GET, a HEAD)
     for coding in reversed(codings):
         try:
             body = _DECODERS[coding](body, limit)
@@ -184,6 +185,13 @@ def encoding_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     return b",".join(found).decode("latin-1")
 
 
+async def decoded(encoding: str, body: bytes, limit: int) -> bytes:
+    """`decode_content` in a worker thread: decoding up to `limit` (64 MiB by default)
+    takes tens of milliseconds that other requests' streams must not wait for (zlib and
+    libzstd release the GIL). The work is bounded, so it is not abandoned on cancel."""
+    return await trio.to_thread.run_sync(decode_content, encoding, body, limit)
+
+
 async def read_plain_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body as `read_body` reads it, decoded when it came with a
     `Content-Encoding`: what the raw routes parse and forward."""
@@ -191,4 +199,4 @@ async def read_plain_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     encoding = encoding_of(scope["headers"])
     if encoding is None:
         return body
-    return decode_content(encoding, body, limit)
+    return await decoded(encoding, body, limit)
