@@ -4,6 +4,7 @@
 GatewayError                      status  meaning
 ├── BadRequest                      400   the client's body or query is wrong
 │   ├── PayloadTooLarge             413   the body is over `max_body_bytes`
+│   ├── UnsupportedMediaType        415   a request Content-Encoding the gateway cannot decode
 │   └── ProtocolNotServed           400   the model's provider does not serve this client API
 ├── Unauthorized                    401   inbound bearer token missing or wrong
 ├── Forbidden                       403   a route this configuration refuses
@@ -59,6 +60,20 @@ class PayloadTooLarge(BadRequest):
     def headers(self) -> dict[str, str]:
         # The rest of the body was never read: the connection cannot carry another request.
         return {"Connection": "close"}
+
+
+class UnsupportedMediaType(BadRequest):
+    """A request body in a content coding the gateway does not decode (br, compress...);
+    `Accept-Encoding` says which it does (RFC 9110 15.5.16)."""
+
+    status = 415
+
+    def __init__(self, message: str, *, accept_encoding: str) -> None:
+        super().__init__(message)
+        self.accept_encoding = accept_encoding
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": self.accept_encoding}
 
 
 class ProtocolNotServed(BadRequest):

@@ -27,10 +27,10 @@ from gateway.web.asgi import (
     Scope,
     Send,
     header,
-    read_body,
     run_tracked,
 )
 from gateway.web.cloud_relay import relay_cloud
+from gateway.web.content_coding import read_plain_body
 from gateway.web.ollama_api import Forward, parse_routing
 from gateway.web.shapes import responder_for
 
@@ -68,7 +68,7 @@ class ClientAPIRoutes:
     ) -> None:
         if scope["method"] != "POST":
             raise MethodNotAllowed(f"{scope['method']} is not allowed on {protocol.path}; use POST")
-        body = await read_body(scope, receive, self._s.config.max_body_bytes)
+        body = await read_plain_body(scope, receive, self._s.config.max_body_bytes)
         name = parse_routing(body).model_name
         if not name:
             raise BadRequest("model is required")

@@ -46,12 +46,12 @@ from gateway.web.asgi import (
     Scope,
     Send,
     header,
-    read_body,
     run_tracked,
 )
 from gateway.web.bodies import decode_body
 from gateway.web.cloud_relay import relay_cloud
 from gateway.web.cloud_tags import CloudTags, merged
+from gateway.web.content_coding import read_plain_body
 from gateway.web.listings import serve_union
 
 
@@ -165,7 +165,7 @@ class OllamaProxy:
         if method not in route.methods:
             allowed = ", ".join(sorted(route.methods))
             raise MethodNotAllowed(f"{method} is not allowed on {path}; use {allowed}")
-        body = await read_body(scope, receive, self._max_body)
+        body = await read_plain_body(scope, receive, self._max_body)
         upstream_path = path + (
             f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
         )

@@ -14,7 +14,7 @@ from gateway.errors import BadRequest, GatewayError, ShuttingDown
 from gateway.providers.base import ChatRequest, ChatResult
 from gateway.record import RequestRecord, record_of
 from gateway.services import Services
-from gateway.web.bodies import decode_body
+from gateway.web.bodies import decode_body, request_body
 
 _encode = msgspec.json.Encoder().encode
 _chat_request = msgspec.json.Decoder(ChatRequest)
@@ -67,7 +67,8 @@ def check_messages(chat: ChatRequest) -> None:
 def register(app: Quart, services: Services) -> None:
     @app.post("/v1/chat")
     async def chat() -> Response:
-        body = decode_body(await request.get_data(False, False, False), _chat_request)
+        data = await request_body(request, services.config.max_body_bytes)
+        body = decode_body(data, _chat_request)
         check_messages(body)
         return json_response(await run_chat(services, body, record_of(request.scope)))
 
