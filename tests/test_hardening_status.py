@@ -78,6 +78,43 @@ async def test_a_login_that_is_not_a_form_says_so(
     assert response.status_code == 303
 
 
+async def test_a_cross_site_login_or_logout_is_refused(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    """Login CSRF: another site's form that posts its own token would sign the victim's
+    browser in as the attacker (SameSite restricts sending a cookie, not setting one);
+    a cross-site logout would sign the victim out. The browser says where a POST comes
+    from (Sec-Fetch-Site, else Origin): only the gateway's own page may sign in or out."""
+    gw = await _gateway(start_gateway, ollama)
+    host = gw.url.removeprefix("http://")
+    refused = (
+        {"sec-fetch-site": "cross-site", "origin": "http://evil.example"},
+        {"sec-fetch-site": "same-site", "origin": f"http://other.{host}"},
+        {"origin": "http://evil.example"},  # an older browser: Origin only
+        {"origin": "null"},
+    )
+    for headers in refused:
+        response = await gw.client.post("/status/login", data={"token": ALICE}, headers=headers)
+        assert response.status_code == 403, headers
+        assert "set-cookie" not in response.headers
+        assert "another site" in response.text
+        response = await gw.client.post("/status/logout", headers=headers)
+        assert response.status_code == 403, headers
+        assert "set-cookie" not in response.headers
+    allowed = (
+        {"sec-fetch-site": "same-origin", "origin": gw.url},
+        {"sec-fetch-site": "none"},  # typed into the address bar, a bookmark
+        {"origin": gw.url},
+        {},  # not a browser (curl, a script): no ambient cookie to abuse
+    )
+    for headers in allowed:
+        response = await gw.client.post("/status/login", data={"token": ALICE}, headers=headers)
+        assert response.status_code == 303, headers
+        assert response.headers["set-cookie"].startswith(f"{COOKIE}=")
+        response = await gw.client.post("/status/logout", headers=headers)
+        assert response.status_code == 303, headers
+
+
 async def test_forged_cookies_and_redirect_parameters_open_nothing(
     start_gateway: StartGateway, ollama: OllamaEmulator
 ) -> None:

@@ -8,7 +8,9 @@ removed from the configuration stops working at once). A browser without one get
 login form, not a JSON 401; `/status.json` answers the JSON 401 a script expects.
 
 The login form is the one route a stranger may POST to when auth is on, so its body is
-bounded by a few KiB (not `max_body_bytes`) and must be a urlencoded form.
+bounded by a few KiB (not `max_body_bytes`) and must be a urlencoded form; and since
+SameSite limits where a cookie is sent, not who may set it, a sign-in or sign-out that
+the browser says comes from another site is refused (login CSRF).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import html
 import logging
 from importlib import resources
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 from quart import Quart, Response, request
@@ -86,6 +88,19 @@ def presented_token() -> bytes:
         return base64.urlsafe_b64decode(cookie.encode("ascii") + b"==")
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return b""
+
+
+def cross_site() -> bool:
+    """Whether the browser says this request comes from another site: its Sec-Fetch-Site,
+    else its Origin against the Host it asked for. A client that sends neither is not a
+    browser on another site (curl, a script), so it has no ambient cookie to abuse."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.lower() not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower()
 
 
 class FormRefused(Exception):
@@ -184,8 +199,15 @@ def register(app: Quart, services: Services) -> None:
     async def login_get() -> Response:
         return Response("", status=303, headers={"Location": "/status"})
 
+    def refused_from_elsewhere() -> Response:
+        return html_response(
+            pages.login("A sign-in or sign-out from another site is refused."), 403
+        )
+
     @app.post("/status/login")
     async def login() -> Response:
+        if cross_site():
+            return refused_from_elsewhere()
         try:
             token = await login_token()
         except FormRefused as exc:
@@ -215,6 +237,8 @@ def register(app: Quart, services: Services) -> None:
 
     @app.post("/status/logout")
     async def logout() -> Response:
+        if cross_site():
+            return refused_from_elsewhere()
         response = Response("", status=303, headers={"Location": "/status"})
         response.delete_cookie(COOKIE, path="/", secure=secure, httponly=True, samesite="Strict")
         return response
