@@ -1,0 +1,90 @@
+"""Attacks on the several-hosts surfaces (ADR 0020) through the whole gateway on real
+sockets, two or three Ollama emulators on port 0: credentials in host URLs, the `?host=`
+parameter of the management routes, hosts that answer garbage, lie or reset, and
+clients that leave while queued on several gates."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from tests.conftest import StartGateway, eventually, make_config
+from tests.test_hosts import LLAMA, emulator
+from tests.test_secrets import Evidence, marker
+
+URL_USER = marker("urluser")  # a credential as the whole userinfo: http://<token>@host
+URL_PASSWORD = marker("urlpass")
+HOST_TOKEN = marker("hosttoken")
+
+
+async def _free_port() -> int:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_no_host_credential_shows_in_health_status_metrics_errors_or_logs(
+    start_gateway: StartGateway, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host URL may carry a credential as user and password, or as the user alone (a
+    token, as in https://<token>@host); a host reads a bearer from `token_env`. With one
+    host up and two down (the errors that name hosts most), none of them shows."""
+    caplog.set_level(logging.DEBUG)
+    evidence = Evidence()
+    up = await emulator(nursery, [LLAMA])
+    gone, also_gone = await _free_port(), await _free_port()
+    hosts = {
+        "up": {"url": up.url.replace("http://", f"http://user:{URL_PASSWORD}@")},
+        "tok": {"url": f"http://{URL_USER}@127.0.0.1:{gone}", "token_env": "TOK_TOKEN"},
+        "pw": {"url": f"http://u:{URL_PASSWORD}@127.0.0.1:{also_gone}"},
+    }
+    gw = await start_gateway(
+        make_config(up.url, ollama={"hosts": hosts}),
+        environ={"TOK_TOKEN": HOST_TOKEN},
+    )
+    down = [h for h in gw.services.hosts if h.name != "up"]
+    await eventually(lambda: not any(h.healthy for h in down))
+    for method, path, body in (
+        ("POST", "/api/chat", {"model": "qwen9", "messages": []}),  # 404 after a re-poll
+        ("POST", "/api/chat", {"model": "llama3", "messages": [], "stream": False}),
+        ("GET", "/api/tags", None),
+        ("GET", "/health", None),
+        ("GET", "/ready", None),
+        ("GET", "/metrics", None),
+        ("GET", "/status.json", None),
+        ("GET", "/status", None),
+    ):
+        response = await gw.client.request(method, path, json=body)
+        evidence.response(f"{method} {path}", response)
+    health = (await gw.client.get("/health")).json()
+    assert health["hosts"]["tok"]["degraded"] is True
+    assert health["hosts"]["tok"]["target"] == f"http://***@127.0.0.1:{gone}"
+    assert health["hosts"]["pw"]["target"] == f"http://u:***@127.0.0.1:{also_gone}"
+    status = (await gw.client.get("/status.json")).json()
+    assert {h["url"] for h in status["hosts"]} >= {f"http://***@127.0.0.1:{gone}"}
+    evidence.logs(caplog.records)
+    _assert_clean(evidence)
+
+
+def _assert_clean(evidence: Evidence) -> None:
+    tails = {
+        name: value.rsplit("-", 1)[1]
+        for name, value in (
+            ("url user", URL_USER),
+            ("url password", URL_PASSWORD),
+            ("host token", HOST_TOKEN),
+        )
+    }
+    leaks = sorted(
+        {
+            f"{name} in {where}"
+            for where, text in evidence.texts
+            for name, tail in tails.items()
+            if tail in text
+        }
+    )
+    assert evidence.texts
+    assert not leaks, leaks
