@@ -10,7 +10,9 @@ import logging
 import pytest
 import trio
 
+from gateway.cli import render_config
 from tests.conftest import StartGateway, eventually, make_config
+from tests.emulators import OllamaEmulator
 from tests.test_hosts import LLAMA, emulator
 from tests.test_secrets import Evidence, marker
 
@@ -88,3 +90,34 @@ def _assert_clean(evidence: Evidence) -> None:
     )
     assert evidence.texts
     assert not leaks, leaks
+
+
+async def test_no_credential_in_a_provider_base_url_shows(
+    start_gateway: StartGateway, ollama: OllamaEmulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider's base URL may carry a credential too (a proxy's user and password):
+    /v1/chat/providers, the status page, its errors and check-config show it redacted."""
+    caplog.set_level(logging.DEBUG)
+    evidence = Evidence()
+    port = await _free_port()
+    base_url = f"http://proxy:{URL_PASSWORD}@127.0.0.1:{port}/api/v1"
+    config = make_config(ollama.url, providers={"openrouter": {"base_url": base_url}})
+    gw = await start_gateway(config, environ={"OPENROUTER_API_KEY": HOST_TOKEN})
+    for method, path, body in (
+        ("GET", "/v1/chat/providers", None),
+        (
+            "POST",
+            "/v1/chat",
+            {"model": "openrouter/x/y", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        ("POST", "/v1/chat/completions", {"model": "openrouter/x/y", "messages": []}),
+        ("GET", "/status.json", None),
+        ("GET", "/health", None),
+    ):
+        response = await gw.client.request(method, path, json=body)
+        evidence.response(f"{method} {path}", response)
+    listed = (await gw.client.get("/v1/chat/providers")).json()
+    assert f"http://proxy:***@127.0.0.1:{port}/api/v1" in str(listed)
+    evidence.add("check-config", render_config(config, {"OPENROUTER_API_KEY": HOST_TOKEN}))
+    evidence.logs(caplog.records)
+    _assert_clean(evidence)
