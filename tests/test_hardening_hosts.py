@@ -13,7 +13,7 @@ import trio
 from gateway.cli import render_config
 from tests.conftest import StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator
-from tests.test_hosts import LLAMA, emulator
+from tests.test_hosts import LLAMA, emulator, start_hosts
 from tests.test_secrets import Evidence, marker
 
 URL_USER = marker("urluser")  # a credential as the whole userinfo: http://<token>@host
@@ -121,3 +121,53 @@ async def test_no_credential_in_a_provider_base_url_shows(
     evidence.add("check-config", render_config(config, {"OPENROUTER_API_KEY": HOST_TOKEN}))
     evidence.logs(caplog.records)
     _assert_clean(evidence)
+
+
+async def test_the_host_parameter_names_one_host_or_is_refused(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """`?host=` on a management route picks the one host it changes: a request whose
+    parameter is empty, unknown, repeated with different hosts (in any spelling of the
+    key), or smuggles a second parameter in its value reaches no host at all."""
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b}, ollama={"allow_management": True})
+    refused = [
+        "host=",
+        "host",
+        "host=c",
+        "host=A",
+        "host=%E2%80%8Ba",  # a zero-width space before the name
+        "host=a%00",
+        "host=a&host=b",
+        "host=b&host=a",
+        "host=a&host=",
+        "ho%73t=a&host=b",
+        "host=a%26host%3Db",
+        "host=a;host=b",
+        "host=" + "x" * 4000,
+    ]
+    for query in refused:
+        response = await gw.client.request(
+            "DELETE", f"/api/delete?{query}", json={"model": "llama3"}
+        )
+        assert response.status_code == 400, query
+        assert response.headers["content-type"].startswith("application/json")
+        error = response.json()["error"]
+        assert "host" in error, query
+        assert len(error) < 400, query  # a long name is not echoed whole
+    assert a.requests_to("/api/delete") == []
+    assert b.requests_to("/api/delete") == []
+    # The same host twice is one host; a percent-encoded name is that name. The gateway's
+    # parameter never goes upstream; the others do. (The first delete removes the model,
+    # so the host's own 404 answers the next: what counts is which host was asked.)
+    for query, host, other in (("host=b&host=b", b, a), ("host=%61", a, b), ("x=1&host=b", b, a)):
+        before, others = len(host.requests_to("/api/delete")), len(other.requests_to("/api/delete"))
+        response = await gw.client.request(
+            "DELETE", f"/api/delete?{query}", json={"model": "llama3"}
+        )
+        assert response.status_code in (200, 404), query
+        assert len(host.requests_to("/api/delete")) == before + 1, query
+        assert len(other.requests_to("/api/delete")) == others, query
+        assert "host" not in str(host.requests_to("/api/delete")[-1].query), query
+    assert b.requests_to("/api/delete")[-1].query in ("x=1", b"x=1")
