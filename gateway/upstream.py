@@ -8,7 +8,13 @@ from __future__ import annotations
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    DECODE_ERRORS,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 
 class _ErrorText(msgspec.Struct):
@@ -25,7 +31,7 @@ def upstream_message(body: bytes, status: int) -> str:
     """The upstream's own `{"error": ...}` text, or a short description of what it sent."""
     try:
         decoded = _error_decoder.decode(body)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         decoded = _ErrorText()
     message = decoded.message or ""
     if isinstance(decoded.error, str):

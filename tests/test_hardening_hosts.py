@@ -13,7 +13,8 @@ import trio
 from gateway.cli import render_config
 from tests.conftest import StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator
-from tests.test_hosts import LLAMA, emulator, start_hosts
+from tests.emulators.http import Faults
+from tests.test_hosts import LLAMA, chats, emulator, post_chat, start_hosts
 from tests.test_secrets import Evidence, marker
 
 URL_USER = marker("urluser")  # a credential as the whole userinfo: http://<token>@host
@@ -171,3 +172,61 @@ async def test_the_host_parameter_names_one_host_or_is_refused(
         assert len(other.requests_to("/api/delete")) == others, query
         assert "host" not in str(host.requests_to("/api/delete")[-1].query), query
     assert b.requests_to("/api/delete")[-1].query in ("x=1", b"x=1")
+
+
+NOT_UTF8 = b'{"models":[{"name":"llama3:latest","model":"\xff\xfe"}]}'
+DEEP = b'{"models":[],"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+async def test_a_host_whose_inventory_does_not_decode_is_degraded_alone(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """msgspec raises UnicodeDecodeError (invalid UTF-8 in a string) and RecursionError
+    (deep nesting, even in a field it skips), not only DecodeError: a host that sends
+    either in /api/tags or /api/ps, at start or later, is degraded with a clear reason;
+    it does not take the poller, and with it the gateway, down."""
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    c = await emulator(nursery, [LLAMA])
+    b.faults = Faults(status=200, status_body=NOT_UTF8, fault_paths=frozenset({"/api/tags"}))
+    gw = await start_hosts(start_gateway, {"a": a, "b": b, "c": c})
+    hosts = {h.name: h for h in gw.services.hosts}
+    assert not hosts["b"].healthy
+    assert "not valid" in hosts["b"].inventory.last_error
+    c.faults = Faults(status=200, status_body=DEEP, fault_paths=frozenset({"/api/ps"}))
+    tags = await gw.client.get("/api/tags")  # polls the healthy hosts afresh: c too
+    assert tags.status_code == 200
+    assert [m["name"] for m in tags.json()["models"]] == [LLAMA]
+    assert not hosts["c"].healthy
+    assert "recursion" in hosts["c"].inventory.last_error
+    assert (await post_chat(gw, "still serving")).status_code == 200
+    assert chats(a) == ["still serving"]
+    health = await gw.client.get("/health")
+    assert health.json()["degraded_hosts"] == ["b", "c"]
+
+
+async def test_an_answer_that_does_not_decode_is_relayed_or_502_never_500(
+    start_gateway: StartGateway, ollama: OllamaEmulator
+) -> None:
+    """The same bytes in a generation's answer: passthrough relays them as sent (only the
+    gateway's telemetry reads them), a route that must decode them answers 502, and an
+    upstream error whose text does not decode is still that upstream's error."""
+    gw = await start_gateway(make_config(ollama.url))
+    paths = frozenset({"/api/chat", "/v1/chat/completions"})
+    final = b'{"model":"llama3","done":true,"done_reason":"\xff","eval_count":3}'
+    deep = b'{"model":"llama3","done":true,"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    messages = [{"role": "user", "content": "hi"}]
+    for body in (final, deep):
+        ollama.faults = Faults(status=200, status_body=body, fault_paths=paths)
+        relayed = await gw.client.post(
+            "/api/chat", json={"model": "llama3", "messages": messages, "stream": False}
+        )
+        assert relayed.status_code == 200
+        assert relayed.content == body
+        routed = await gw.client.post("/v1/chat", json={"model": "llama3", "messages": messages})
+        assert routed.status_code == 502
+        assert "not valid" in routed.json()["error"]
+    ollama.faults = Faults(status=500, status_body=b'{"error":"\xff"}', fault_paths=paths)
+    routed = await gw.client.post("/v1/chat", json={"model": "llama3", "messages": messages})
+    assert routed.status_code == 502
+    assert routed.json()["error"].startswith("Ollama target")

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
-from gateway.errors import BadRequest
+from gateway.errors import DECODE_ERRORS, BadRequest
 from gateway.target.wire import canonical_model
 
 
@@ -34,12 +34,12 @@ def merge_listings(bodies: Sequence[bytes]) -> bytes:
     for body in bodies:
         try:
             listing = _listing.decode(body)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             continue
         for raw in listing.models:
             try:
                 named = _named.decode(raw)
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 continue
             key = canonical_model(named.name or named.model)
             if key and key not in seen:

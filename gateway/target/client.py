@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from gateway.config import OllamaConfig, redact_url
-from gateway.errors import UpstreamProtocol, UpstreamStatus
+from gateway.errors import DECODE_ERRORS, UpstreamProtocol, UpstreamStatus
 from gateway.h1.client import MAX_READ_BYTES, ConnectionPool
 from gateway.target.ndjson import MAX_LINE_BYTES, NdjsonSplitter
 from gateway.target.wire import (
@@ -183,7 +183,7 @@ class TargetClient:
             )
         try:
             return data, _decoder(kind).decode(data)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
 
     async def _stream(self, path: str, payload: Any, kind: type[T]) -> AsyncGenerator[T, None]:
@@ -210,7 +210,7 @@ class TargetClient:
     def _frame(self, decoder: msgspec.json.Decoder[T], line: bytes) -> T:
         try:
             frame = decoder.decode(line)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent a line that is not JSON: {exc}") from None
         error = getattr(frame, "error", None)
         if isinstance(error, str):
