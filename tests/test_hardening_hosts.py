@@ -11,9 +11,10 @@ import pytest
 import trio
 
 from gateway.cli import render_config
-from tests.conftest import StartGateway, eventually, make_config
+from tests.conftest import RunningGateway, StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator
 from tests.emulators.http import Faults
+from tests.test_faults import gateway_tasks, settle_tasks
 from tests.test_hosts import LLAMA, chats, emulator, post_chat, start_hosts
 from tests.test_secrets import Evidence, marker
 
@@ -230,3 +231,130 @@ async def test_an_answer_that_does_not_decode_is_relayed_or_502_never_500(
     routed = await gw.client.post("/v1/chat", json={"model": "llama3", "messages": messages})
     assert routed.status_code == 502
     assert routed.json()["error"].startswith("Ollama target")
+
+
+class Busy:
+    """Three hosts with llama3 resident; `hold_all` puts one held chat on each."""
+
+    def __init__(self, gw: RunningGateway, emus: dict[str, OllamaEmulator]) -> None:
+        self.gw, self.emus = gw, emus
+        self.gates = {h.name: h.gate for h in gw.services.hosts}
+        self.statuses: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self.baseline = gateway_tasks()  # the gateway idle: what it runs again at the end
+
+    async def send(self, tag: str) -> None:
+        response = await post_chat(self.gw, tag)
+        self.statuses[tag] = response.status_code
+        self.errors[tag] = response.text if response.status_code != 200 else ""
+
+    async def hold_all(self, nursery: trio.Nursery) -> None:
+        for count, (name, emu) in enumerate(self.emus.items(), start=1):
+            emu.hold = trio.Event()
+            nursery.start_soon(self.send, f"hold-{name}")
+            await eventually(lambda count=count: self.busy() == count)  # type: ignore[misc]
+
+    def busy(self) -> int:
+        return sum(g.busy for g in self.gates.values())
+
+    def queued(self) -> list[int]:
+        return [g.queued for g in self.gates.values()]
+
+    def ran(self) -> list[str]:
+        return sorted(tag for emu in self.emus.values() for tag in chats(emu))
+
+
+async def three_hosts(start_gateway: StartGateway, nursery: trio.Nursery) -> Busy:
+    emus = {name: await emulator(nursery, [LLAMA], loaded=[LLAMA]) for name in "abc"}
+    return Busy(await start_hosts(start_gateway, emus), emus)
+
+
+async def test_a_client_that_leaves_while_queued_on_three_gates_leaves_them_all_at_once(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    busy = await three_hosts(start_gateway, nursery)
+    await busy.hold_all(nursery)
+    with trio.CancelScope() as leaver:
+
+        async def leave_when_queued() -> None:
+            await eventually(lambda: busy.queued() == [1, 1, 1])
+            leaver.cancel()
+
+        nursery.start_soon(leave_when_queued)
+        await post_chat(busy.gw, "leaver")
+    assert leaver.cancelled_caught
+    await eventually(lambda: busy.gates["a"].queued == 0)
+    # No checkpoint since: the other gates emptied in the same step, not one by one.
+    assert busy.queued() == [0, 0, 0]
+    stayer = trio.Event()
+
+    async def stay() -> None:
+        await busy.send("stayer")
+        stayer.set()
+
+    nursery.start_soon(stay)
+    await eventually(lambda: busy.queued() == [1, 1, 1])
+    for emu in busy.emus.values():
+        assert emu.hold is not None
+        emu.hold.set()
+    with trio.fail_after(10):
+        await stayer.wait()
+    await eventually(lambda: len(busy.statuses) == 4)
+    assert set(busy.statuses.values()) == {200}
+    assert busy.ran() == ["hold-a", "hold-b", "hold-c", "stayer"]  # the leaver never ran
+    await eventually(lambda: busy.busy() == 0)
+    assert busy.queued() == [0, 0, 0]
+    await busy.gw.client.aclose()  # its idle keep-alive connections
+    await settle_tasks(busy.baseline)
+
+
+async def test_hosts_flapping_under_a_queue_run_each_request_once(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """Four requests queued on three busy hosts while two of them go down, come back and
+    go down again: each queued request runs exactly once, none is lost, a held chat on a
+    host that died gets a 502 (it may have run: never retried), and everything settles."""
+    busy = await three_hosts(start_gateway, nursery)
+    hosts = {h.name: h for h in busy.gw.services.hosts}
+    await busy.hold_all(nursery)
+    queued = [f"q{i}" for i in range(4)]
+    for tag in queued:
+        nursery.start_soon(busy.send, tag)
+    await eventually(lambda: busy.queued() == [4, 4, 4])
+    a, b, c = busy.emus["a"], busy.emus["b"], busy.emus["c"]
+
+    await b.set_down(True)  # its held chat dies; its queue moves to a and c
+    await eventually(lambda: not hosts["b"].healthy and busy.gates["b"].queued == 0)
+    await c.set_down(True)
+    await eventually(lambda: not hosts["c"].healthy and busy.gates["c"].queued == 0)
+    # A request a dead host's gate granted before its poll noticed meets a refused
+    # connection and moves on: then all four wait on a, the one host up.
+    await eventually(lambda: busy.queued() == [4, 0, 0] and busy.busy() == 1)
+    b.hold = None
+    await b.set_down(False)  # back, free: the queue flows to it
+    await eventually(lambda: len(chats(b)) >= 2)
+    await b.set_down(True)  # and down again, maybe mid-answer
+    c.hold = None
+    await c.set_down(False)
+    assert a.hold is not None
+    a.hold.set()
+    await eventually(lambda: len(busy.statuses) == 7, timeout_s=10)
+    assert busy.statuses["hold-a"] == 200
+    assert busy.statuses["hold-b"] == 502
+    assert busy.statuses["hold-c"] == 502
+    # Each queued request is answered: 200 (it ran once), or 502 naming b if b went down
+    # while it was in flight there (it may have run: never sent anywhere else after).
+    ran = [tag for tag in busy.ran() if tag.startswith("q")]
+    assert len(ran) == len(set(ran)), ran  # nothing ran twice
+    for tag in queued:
+        if busy.statuses[tag] == 200:
+            assert tag in ran, tag
+        else:
+            assert busy.statuses[tag] == 502, busy.errors[tag]
+            assert f"127.0.0.1:{b.port}" in busy.errors[tag], busy.errors[tag]
+            assert tag not in chats(a) + chats(c), tag
+    await eventually(lambda: busy.busy() == 0)
+    assert busy.queued() == [0, 0, 0]
+    assert busy.gw.services.hosts._claims == set()
+    await busy.gw.client.aclose()
+    await settle_tasks(busy.baseline)
