@@ -358,3 +358,37 @@ async def test_hosts_flapping_under_a_queue_run_each_request_once(
     assert busy.gw.services.hosts._claims == set()
     await busy.gw.client.aclose()
     await settle_tasks(busy.baseline)
+
+
+@pytest.mark.parametrize("fault", ["reset_before_headers", "close_before_headers"])
+async def test_a_host_that_accepts_then_drops_is_never_retried_elsewhere(
+    start_gateway: StartGateway, nursery: trio.Nursery, fault: str
+) -> None:
+    """The request reached the host (it may be generating): a 502 naming that host, on
+    every generation route, never a second run on the other host; the host is asked
+    again at its next poll, not degraded for good."""
+    a = await emulator(nursery, [LLAMA], loaded=[LLAMA])
+    b = await emulator(nursery, [LLAMA], loaded=[LLAMA])
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    a.hold = trio.Event()
+    busy = Busy(gw, {"a": a, "b": b})
+    nursery.start_soon(busy.send, "held")
+    await eventually(lambda: busy.busy() == 1)  # a is busy: the next goes to b
+    setattr(b.faults, fault, True)
+    messages = [{"role": "user", "content": "dropped"}]
+    for path, body in (
+        ("/api/chat", {"model": "llama3", "messages": messages, "stream": False}),
+        ("/api/chat", {"model": "llama3", "messages": messages}),
+        ("/v1/chat", {"model": "llama3", "messages": messages}),
+        ("/v1/chat/completions", {"model": "llama3", "messages": messages}),
+    ):
+        with trio.fail_after(5):
+            response = await gw.client.post(path, json=body)
+        assert response.status_code == 502, (path, response.text)
+        assert f"127.0.0.1:{b.port}" in response.text, path
+        assert busy.queued() == [0, 0], path
+    setattr(b.faults, fault, False)
+    a.hold.set()
+    await eventually(lambda: busy.statuses.get("held") == 200)
+    assert chats(a) == ["held"]  # nothing dropped by b ran on a
+    assert (await post_chat(gw, "after")).status_code == 200
