@@ -5,14 +5,20 @@ cookies, redirects, and the page's script, which must put every value in as text
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qsl, quote
 
 import httpx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.status.routes import COOKIE, LOGIN_MAX_BYTES
 from tests.conftest import RunningGateway, StartGateway, make_config
 from tests.emulators import OllamaEmulator
+from tests.test_fuzz import FUZZ, Stack, run_with_stack
 
 ALICE = "tok-alice-hardening"
 TOKENS = {"GATEWAY_TOKENS": f"alice:{ALICE}"}
@@ -145,3 +151,124 @@ def test_the_page_script_never_writes_markup() -> None:
     sinks = re.findall(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(", script)
     assert sinks == []
     assert "textContent" in script
+
+
+# ------------------------------------------------------------------ fuzzed with hypothesis
+
+FUZZ_TOKEN = "tok-fuzz-status"
+FORMISH = st.lists(
+    st.tuples(st.sampled_from(["token", "x", "Token", "token[]", ""]), st.text(max_size=40)),
+    max_size=6,
+).map(lambda pairs: "&".join(f"{quote(k)}={quote(v)}" for k, v in pairs).encode())
+CONTENT_TYPES = st.sampled_from(
+    [
+        None,
+        "application/x-www-form-urlencoded",
+        "application/x-www-form-urlencoded; charset=latin-1",
+        "APPLICATION/X-WWW-FORM-URLENCODED",
+        "multipart/form-data; boundary=zz",
+        "application/json",
+        "text/plain",
+        "\u00e9/\u00e9",
+    ]
+)
+SITES = st.sampled_from([None, "same-origin", "same-site", "cross-site", "none", "garbage"])
+ORIGINS = st.sampled_from([None, "null", "http://evil.example", "SELF", "http://127.0.0.1"])
+HEADER_TEXT = st.text(
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=";,"), max_size=200
+)
+
+
+@st.composite
+def status_cases(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, str]]:
+    """One request to a status route: any body, content type, origin and cookie."""
+    path = draw(st.sampled_from(["/status/login", "/status/logout", "/status", "/status.json"]))
+    method = "GET" if path in ("/status", "/status.json") else "POST"
+    headers: dict[str, str] = {}
+    body = b""
+    if method == "POST":
+        body = draw(FORMISH | st.binary(max_size=6000) | st.just(f"token={FUZZ_TOKEN}".encode()))
+        content_type = draw(CONTENT_TYPES)
+        if content_type is not None:
+            headers["content-type"] = content_type
+    site, origin = draw(SITES), draw(ORIGINS)
+    if site is not None:
+        headers["sec-fetch-site"] = site
+    if origin is not None:
+        headers["origin"] = origin
+    if draw(st.booleans()):
+        headers["cookie"] = f"{COOKIE}={draw(HEADER_TEXT)}"
+    if draw(st.booleans()):
+        headers["authorization"] = "Bearer " + draw(HEADER_TEXT.filter(bool) | st.just(FUZZ_TOKEN))
+    return method, path, body, headers
+
+
+LOGIN_STATUSES = {303, 400, 401, 403, 413, 415}
+
+
+@settings(FUZZ, max_examples=4)
+@given(data=st.data())
+async def test_fuzzed_status_requests_are_clear_4xx_and_set_no_foreign_cookie(
+    data: st.DataObject,
+) -> None:
+    """Any status request: never a 5xx; the login and logout answer in the form's HTML;
+    a cookie is set only by a same-site login with the right token; `/status.json`
+    refuses in JSON; no answer echoes a token."""
+    cases = data.draw(st.lists(status_cases(), min_size=25, max_size=25))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = Path(tmp) / "tokens"
+        tokens.write_text(f"fuzz:{FUZZ_TOKEN}\n")
+
+        async def body(stack: Stack) -> None:
+            own = stack.url.removeprefix("http://")
+            for method, path, content, headers in cases:
+                if headers.get("origin") == "SELF":
+                    headers = {**headers, "origin": stack.url}
+                raw = {key: value.encode() for key, value in headers.items()}  # any octets
+                response = await stack.client.request(method, path, content=content, headers=raw)
+                what = (method, path, content[:80], headers, response.status_code)
+                assert response.status_code < 500, (what, response.text)
+                assert FUZZ_TOKEN not in response.text, what
+                cookie = response.headers.get("set-cookie", "")
+                if path == "/status/login":
+                    assert response.status_code in LOGIN_STATUSES, what
+                    assert response.headers["content-type"].startswith("text/html"), what
+                    if cookie and "Max-Age=0" not in cookie:
+                        site = headers.get("sec-fetch-site")
+                        origin = headers.get("origin")
+                        assert site in (None, "same-origin", "none"), what
+                        assert site is not None or origin in (None, stack.url), what
+                        assert f"token={FUZZ_TOKEN}".encode() in content, what
+                        assert own  # the cookie is the gateway's own, for its own host
+                elif path == "/status/logout":
+                    assert response.status_code in (303, 403), what
+                elif path == "/status.json" and response.status_code != 200:
+                    assert response.status_code == 401, what
+                    assert response.json()["error"], what
+
+        await run_with_stack(body, auth={"tokens_file": str(tokens)})
+
+
+@settings(FUZZ, max_examples=4)
+@given(queries=st.lists(st.text(max_size=60), min_size=20, max_size=20))
+async def test_fuzzed_host_parameters_never_reach_upstream(queries: list[str]) -> None:
+    """Any query on a management route: 200 from the one host, the host's own 4xx, or a
+    400 naming the `host` parameter; the `host` parameter never reaches the host."""
+
+    async def body(stack: Stack) -> None:
+        for text in queries:
+            query = text.encode("utf-8", "surrogatepass").decode("latin-1")
+            query = "".join(c if 0x21 <= ord(c) <= 0x7E and c != "#" else quote(c) for c in query)
+            for extra in ("", "&host=default", "&host=gpu"):
+                response = await stack.client.request(
+                    "DELETE", f"/api/delete?{query}{extra}", json={"model": "nope"}
+                )
+                what = (query + extra, response.status_code, response.text[:200])
+                assert response.status_code in (200, 400, 404), what
+                if response.status_code == 400:
+                    assert "host" in response.json()["error"], what
+        for request in stack.ollama.requests_to("/api/delete"):
+            keys = {key for key, _ in parse_qsl(str(request.query), keep_blank_values=True)}
+            assert "host" not in keys, request.query
+
+    await run_with_stack(body, ollama={"allow_management": True})
