@@ -5,6 +5,8 @@ extracted."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import msgspec
 
@@ -27,8 +29,21 @@ class _ErrorText(msgspec.Struct):
 _error_decoder = msgspec.json.Decoder(_ErrorText)
 
 
-def upstream_message(body: bytes, status: int) -> str:
-    """The upstream's own `{"error": ...}` text, or a short description of what it sent."""
+MAX_MESSAGE_CHARS = 500
+
+
+def cut(text: str) -> str:
+    """An upstream's text as the gateway repeats it (errors, /health, the status page, the
+    log, all read often): at most `MAX_MESSAGE_CHARS`, saying how long it was."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text)} characters)"
+
+
+def upstream_message(body: bytes, status: int, *, scrub: Callable[[str], str]) -> str:
+    """The upstream's own `{"error": ...}` text, or a short description of what it sent;
+    scrubbed of the upstream's credential by `scrub` first, then cut (a cut first could
+    leave part of a credential that `scrub` no longer recognises)."""
     try:
         decoded = _error_decoder.decode(body)
     except DECODE_ERRORS:
@@ -41,7 +56,7 @@ def upstream_message(body: bytes, status: int) -> str:
     if not message:
         text = body[:200].decode("utf-8", "replace").strip()
         message = text or "empty body"
-    return f"{message} (upstream status {status})"
+    return f"{cut(scrub(message))} (upstream status {status})"
 
 
 def map_error(exc: httpx.HTTPError, target: str) -> UpstreamError:

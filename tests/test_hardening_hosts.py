@@ -5,6 +5,7 @@ clients that leave while queued on several gates."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -392,3 +393,41 @@ async def test_a_host_that_accepts_then_drops_is_never_retried_elsewhere(
     await eventually(lambda: busy.statuses.get("held") == 200)
     assert chats(a) == ["held"]  # nothing dropped by b ran on a
     assert (await post_chat(gw, "after")).status_code == 200
+
+
+async def test_a_hosts_huge_error_text_is_cut_in_health_status_errors_and_logs(
+    start_gateway: StartGateway, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host that answers its polls and generations with a megabyte of error text: the
+    gateway says what happened in a bounded message (in /health and /status.json, both
+    polled all day, in its 502s and in its log), not by repeating the megabyte."""
+    caplog.set_level(logging.DEBUG)
+    a = await emulator(nursery, [LLAMA])
+    b = await emulator(nursery, [LLAMA])
+    huge = json.dumps({"error": "overloaded " + "x" * 1_000_000}).encode()
+    b.faults = Faults(
+        status=500, status_body=huge, fault_paths=frozenset({"/api/tags", "/api/chat"})
+    )
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    b_host = gw.services.hosts.get("b")
+    assert b_host is not None
+    assert not b_host.healthy
+    health = (await gw.client.get("/health")).json()["hosts"]["b"]
+    assert health["last_error"].startswith(f"Ollama target {b.url}: overloaded xxx")
+    assert len(health["last_error"]) < 2000
+    status = (await gw.client.get("/status.json")).json()
+    [why] = [h["why"] for h in status["hosts"] if h["name"] == "b"]
+    assert len(why) < 2000
+    b.faults = Faults(status=500, status_body=huge, fault_paths=frozenset({"/api/chat"}))
+    await eventually(lambda: b_host.healthy, timeout_s=10)
+    a.hold = trio.Event()  # a busy: the next chat goes to b
+    nursery.start_soon(post_chat, gw, "held")
+    await eventually(lambda: a.active_generations == 1)
+    routed = await gw.client.post(
+        "/v1/chat", json={"model": "llama3", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert routed.status_code == 502
+    assert "overloaded xxx" in routed.json()["error"]
+    assert len(routed.text) < 2000
+    a.hold.set()
+    assert max(len(r.getMessage()) for r in caplog.records) < 5000

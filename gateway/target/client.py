@@ -28,7 +28,7 @@ from gateway.target.wire import (
     ShowResponse,
     VersionResponse,
 )
-from gateway.upstream import upstream_message
+from gateway.upstream import cut, upstream_message
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -177,7 +177,7 @@ class TargetClient:
             data = await response.read()
         if response.status >= 400:
             raise UpstreamStatus(
-                f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
+                f"{self.name}: {upstream_message(data, response.status, scrub=self.scrub)}",
                 upstream_status=response.status,
                 retry_after=_text(response.header(b"retry-after")),
             )
@@ -191,7 +191,7 @@ class TargetClient:
             if response.status >= 400:
                 data = await response.read()
                 raise UpstreamStatus(
-                    f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
+                    f"{self.name}: {upstream_message(data, response.status, scrub=self.scrub)}",
                     upstream_status=response.status,
                     retry_after=_text(response.header(b"retry-after")),
                 )
@@ -214,7 +214,7 @@ class TargetClient:
             raise UpstreamProtocol(f"{self.name} sent a line that is not JSON: {exc}") from None
         error = getattr(frame, "error", None)
         if isinstance(error, str):
-            raise UpstreamProtocol(f"{self.name} failed mid-answer: {self.scrub(error)}")
+            raise UpstreamProtocol(f"{self.name} failed mid-answer: {cut(self.scrub(error))}")
         return frame
 
     # Typed calls -----------------------------------------------------------------
