@@ -4,21 +4,28 @@ cookies, redirects, and the page's script, which must put every value in as text
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import httpx
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.status.routes import COOKIE, LOGIN_MAX_BYTES
+from gateway.usage import store
 from tests.conftest import RunningGateway, StartGateway, make_config
 from tests.emulators import OllamaEmulator
+from tests.emulators.http import Faults
 from tests.test_fuzz import FUZZ, Stack, run_with_stack
+from tests.test_status_browser import browser_paths, driver  # noqa: F401 (fixtures)
 
 ALICE = "tok-alice-hardening"
 TOKENS = {"GATEWAY_TOKENS": f"alice:{ALICE}"}
@@ -272,3 +279,64 @@ async def test_fuzzed_host_parameters_never_reach_upstream(queries: list[str]) -
             assert "host" not in keys, request.query
 
     await run_with_stack(body, ollama={"allow_management": True})
+
+
+MARKUP = '<img src=x onerror="window.__pwned=1">'
+
+
+async def test_markup_from_clients_and_hosts_shows_as_text_in_a_real_browser(
+    driver: Any,  # noqa: F811 (the browser test's fixture)
+    start_gateway: StartGateway,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+) -> None:
+    """A model name a client sent (kept by the ledger even when refused) and an error
+    text a GPU host sent (its reason for being degraded) are markup here: the page shows
+    them as text, and nothing in them runs."""
+    ledger = tmp_path / "usage.db"
+    conn = store.open_writer(ledger)
+    try:
+        row = (time.time(), "alice", "/api/chat", "ollama", "", MARKUP, 404, 1, 1, 0.0, 0.0, 1.0)
+        store.insert(conn, [row])
+    finally:
+        conn.close()
+    up = OllamaEmulator()
+    await nursery.start(up.run)
+    bad = OllamaEmulator()
+    await nursery.start(bad.run)
+    body = json.dumps({"error": MARKUP}).encode()
+    bad.faults = Faults(status=500, status_body=body, fault_paths=frozenset({"/api/tags"}))
+    hosts = {"up": {"url": up.url}, "bad": {"url": bad.url}}
+    gw = await start_gateway(
+        make_config(up.url, ollama={"hosts": hosts}, usage={"path": str(ledger)})
+    )
+
+    def look() -> tuple[str, str, object, int]:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver.get(f"{gw.url}/status")
+        WebDriverWait(driver, 5, poll_frequency=0.05).until(
+            lambda _: (
+                MARKUP
+                in driver.execute_script(
+                    "const e = document.querySelector('#usage-models-today');"
+                    "return e ? e.innerText : '';"
+                )
+            ),
+            message="the model name never showed",
+        )
+        return (
+            driver.execute_script("return document.querySelector('#usage-models-today').innerText"),
+            driver.execute_script(
+                "return Array.from(document.querySelectorAll('.host-why'))"
+                ".map((e) => e.innerText).join(' | ')"
+            ),
+            driver.execute_script("return window.__pwned"),
+            driver.execute_script("return document.querySelectorAll('img').length"),
+        )
+
+    models, why, pwned, images = await trio.to_thread.run_sync(look)
+    assert MARKUP in models
+    assert MARKUP in why
+    assert pwned is None
+    assert images == 0
