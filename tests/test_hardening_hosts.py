@@ -16,7 +16,7 @@ from tests.conftest import RunningGateway, StartGateway, eventually, make_config
 from tests.emulators import OllamaEmulator
 from tests.emulators.http import Faults
 from tests.test_faults import gateway_tasks, settle_tasks
-from tests.test_hosts import LLAMA, chats, emulator, post_chat, start_hosts
+from tests.test_hosts import LLAMA, QWEN, chats, emulator, post_chat, start_hosts
 from tests.test_secrets import Evidence, marker
 
 URL_USER = marker("urluser")  # a credential as the whole userinfo: http://<token>@host
@@ -431,3 +431,24 @@ async def test_a_hosts_huge_error_text_is_cut_in_health_status_errors_and_logs(
     assert len(routed.text) < 2000
     a.hold.set()
     assert max(len(r.getMessage()) for r in caplog.records) < 5000
+
+
+async def test_a_host_whose_ps_lies_gets_no_model_it_has_not_installed(
+    start_gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """b's /api/ps claims qwen resident, which b's /api/tags does not list: placement
+    trusts the installed list, so qwen's generations and embeddings go to a, never to b;
+    the lie shows in b's own /api/ps entry of the union, nothing more."""
+    a = await emulator(nursery, [LLAMA, QWEN])
+    b = await emulator(nursery, [LLAMA])
+    lie = json.dumps({"models": [{"name": QWEN, "model": QWEN, "size_vram": 1}]}).encode()
+    b.faults = Faults(status=200, status_body=lie, fault_paths=frozenset({"/api/ps"}))
+    gw = await start_hosts(start_gateway, {"a": a, "b": b})
+    for n in range(3):
+        assert (await post_chat(gw, f"q{n}", QWEN)).status_code == 200
+    embedded = await gw.client.post("/api/embed", json={"model": QWEN, "input": "x"})
+    assert embedded.status_code == 200
+    assert chats(a) == ["q0", "q1", "q2"]
+    assert chats(b) == []
+    assert b.requests_to("/api/embed") == []
+    assert (await gw.client.get("/health")).json()["hosts"]["b"]["degraded"] is False
