@@ -166,11 +166,14 @@ def print_usage(config: Config, environ: Mapping[str, str], args: argparse.Names
 
 
 def render_config(config: Config, environ: Mapping[str, str]) -> str:
-    """The resolved configuration as TOML, with URLs' passwords and every key redacted."""
+    """The resolved configuration as TOML, with URLs' credentials and every key redacted."""
     data = msgspec.to_builtins(config)
     data["ollama"]["url"] = redact_url(config.ollama.url)
     for name, host in config.ollama.hosts.items():
         data["ollama"]["hosts"][name]["url"] = redact_url(host.url)
+    for name in provider_names():
+        table = data["providers"][name]
+        table["base_url"] = redact_url(table["base_url"])
     lines = ["# resolved configuration (secrets redacted)"]
     _render_table(lines, "", data)
     lines.append("")

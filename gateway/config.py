@@ -462,9 +462,17 @@ def _apply_env(section: S, environ: Mapping[str, str], prefix: str = "") -> S:
 
 
 def redact_url(url: str) -> str:
-    """Hide a password carried in a URL's userinfo."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide the credential a URL's userinfo carries: its password (`user:***@`), or the
+    whole userinfo when there is no password, since then the user is the credential (a
+    token, as in `https://<token>@host`). Host and port are kept as written."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL (a bad `[` host): hide anything before an `@`
+        _, at, rest = url.rpartition("@")
+        return f"***@{rest}" if at else url
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))

@@ -35,6 +35,16 @@ from __future__ import annotations
 
 import msgspec
 
+# What msgspec raises for bytes it cannot decode: `DecodeError`, but also
+# `UnicodeDecodeError` (invalid UTF-8 inside a string it reads) and `RecursionError` (deep
+# nesting, even inside a field it skips). Catch all three wherever bytes from a client or
+# an upstream are decoded (ADR 0013).
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    msgspec.DecodeError,
+    UnicodeDecodeError,
+    RecursionError,
+)
+
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose; carries its HTTP status."""

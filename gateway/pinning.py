@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.config import ModelConfig
+from gateway.errors import DECODE_ERRORS
 from gateway.target.wire import canonical_model
 
 Protocol = Literal["ollama", "openai", "anthropic"]
@@ -56,7 +57,7 @@ def pin_body(body: bytes, pin: ModelConfig, protocol: Protocol = "ollama") -> by
         return body
     try:
         request = _decode(body)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         return body
     options = request.get("options")
     if options is not None and not isinstance(options, dict):

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.errors import DECODE_ERRORS
 from gateway.target.wire import Final
 
 SCOPE_KEY = "gateway.record"
@@ -71,7 +72,7 @@ class RequestRecord:
         """Read counts and timings from Ollama's final frame (the only frame decoded)."""
         try:
             frame = _final.decode(line)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             return
         if not frame.done and not frame.prompt_eval_count:
             return

@@ -5,10 +5,18 @@ extracted."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import msgspec
 
-from gateway.errors import UpstreamError, UpstreamProtocol, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    DECODE_ERRORS,
+    UpstreamError,
+    UpstreamProtocol,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 
 class _ErrorText(msgspec.Struct):
@@ -21,11 +29,24 @@ class _ErrorText(msgspec.Struct):
 _error_decoder = msgspec.json.Decoder(_ErrorText)
 
 
-def upstream_message(body: bytes, status: int) -> str:
-    """The upstream's own `{"error": ...}` text, or a short description of what it sent."""
+MAX_MESSAGE_CHARS = 500
+
+
+def cut(text: str) -> str:
+    """An upstream's text as the gateway repeats it (errors, /health, the status page, the
+    log, all read often): at most `MAX_MESSAGE_CHARS`, saying how long it was."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text)} characters)"
+
+
+def upstream_message(body: bytes, status: int, *, scrub: Callable[[str], str]) -> str:
+    """The upstream's own `{"error": ...}` text, or a short description of what it sent;
+    scrubbed of the upstream's credential by `scrub` first, then cut (a cut first could
+    leave part of a credential that `scrub` no longer recognises)."""
     try:
         decoded = _error_decoder.decode(body)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         decoded = _ErrorText()
     message = decoded.message or ""
     if isinstance(decoded.error, str):
@@ -35,7 +56,7 @@ def upstream_message(body: bytes, status: int) -> str:
     if not message:
         text = body[:200].decode("utf-8", "replace").strip()
         message = text or "empty body"
-    return f"{message} (upstream status {status})"
+    return f"{cut(scrub(message))} (upstream status {status})"
 
 
 def map_error(exc: httpx.HTTPError, target: str) -> UpstreamError:

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
+from gateway.errors import DECODE_ERRORS, BadRequest
 from gateway.target.wire import canonical_model
 
 
@@ -33,12 +34,12 @@ def merge_listings(bodies: Sequence[bytes]) -> bytes:
     for body in bodies:
         try:
             listing = _listing.decode(body)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             continue
         for raw in listing.models:
             try:
                 named = _named.decode(raw)
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 continue
             key = canonical_model(named.name or named.model)
             if key and key not in seen:
@@ -48,8 +49,11 @@ def merge_listings(bodies: Sequence[bytes]) -> bytes:
 
 
 def host_param(query: bytes) -> tuple[str | None, str]:
-    """The `host` parameter of a query string, and the query without it (for upstream)."""
+    """The `host` parameter of a query string, and the query without it (for upstream).
+    Given twice with different values it names no host: a 400, never a guess."""
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    hosts = [value for key, value in pairs if key == "host"]
+    hosts = {value for key, value in pairs if key == "host"}
+    if len(hosts) > 1:
+        raise BadRequest("?host= is given more than once with different hosts: name one host")
     rest = urlencode([(k, v) for k, v in pairs if k != "host"])
-    return (hosts[-1] if hosts else None), rest
+    return (hosts.pop() if hosts else None), rest

@@ -268,7 +268,8 @@ class Hosts:
             return self.first
         host = None if name is None else self._by_name.get(name)
         if host is None:
-            said = "needs" if name is None else f"has no host {name!r}; it needs"
+            shown = name if name is None or len(name) <= 64 else name[:64] + "..."
+            said = "needs" if shown is None else f"has no host {shown!r}; it needs"
             raise BadRequest(
                 f"{path} changes the models of one GPU host: this gateway {said}"
                 f" ?host=<name>, one of {', '.join(self.names)}"

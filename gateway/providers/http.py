@@ -61,7 +61,7 @@ class ProviderHTTP:
         return data.replace(key, b"***") if key and key in data else data
 
     def status_error(self, answer: Answer, *, body_is_clients: bool = False) -> UpstreamStatus:
-        message = self.scrub(upstream_message(answer.body, answer.status))
+        message = upstream_message(answer.body, answer.status, scrub=self.scrub)
         return UpstreamStatus(
             f"{self.name}: {message}",
             upstream_status=answer.status,

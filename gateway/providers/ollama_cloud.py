@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import UpstreamProtocol
+from gateway.errors import DECODE_ERRORS, UpstreamProtocol
 from gateway.providers.base import ChatRequest, ChatResult, Delta, Message, finish_reason
 from gateway.providers.http import ProviderHTTP
 from gateway.record import RequestRecord
@@ -73,7 +73,7 @@ class OllamaCloud:
     def _decode(self, line: bytes) -> GenerateChunk:
         try:
             chunk = _generate.decode(line)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
         if isinstance(chunk.error, str):
             raise UpstreamProtocol(f"{self.name} failed: {self._http.scrub(chunk.error)}")

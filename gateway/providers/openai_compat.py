@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.errors import UpstreamProtocol
+from gateway.errors import DECODE_ERRORS, UpstreamProtocol
 from gateway.providers.base import ChatRequest, ChatResult, Delta
 from gateway.providers.http import ProviderHTTP, StreamAnswer
 from gateway.providers.sse import SseSplitter
@@ -77,7 +77,7 @@ class OpenAICompatible:
         failure, not something to hand a client that will read `choices[0]`."""
         try:
             completion = _completion.decode(body)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
         if not completion.choices or completion.choices[0].message is None:
             raise UpstreamProtocol(f"{self.name} answered with no choices")
@@ -117,7 +117,7 @@ class OpenAICompatible:
                         break
                     try:
                         chunk = _completion.decode(data)
-                    except msgspec.DecodeError as exc:
+                    except DECODE_ERRORS as exc:
                         raise UpstreamProtocol(
                             f"{self.name} sent an event that is not JSON: {exc}"
                         ) from None
@@ -162,7 +162,7 @@ class UsageWatch:
                 continue
             try:
                 usage = _completion.decode(data).usage
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:
                 continue
             if usage is not None:
                 self.tokens_in, self.tokens_out = usage.prompt_tokens, usage.completion_tokens

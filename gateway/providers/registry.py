@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.config import Config, provider_names
+from gateway.config import Config, provider_names, redact_url
 from gateway.errors import BadRequest, ProviderNotRegistered
 from gateway.providers.base import Provider
 from gateway.providers.client_api import ClientAPI
@@ -121,7 +121,7 @@ class Registry:
 
     def listing(self) -> list[ProviderInfo]:
         return [
-            ProviderInfo(name, self._providers[name].base_url, True)
+            ProviderInfo(name, redact_url(self._providers[name].base_url), True)
             for name in ORDER
             if name in self._providers
         ]

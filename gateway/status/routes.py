@@ -6,6 +6,11 @@ login form sets (HttpOnly, SameSite=Strict, Secure under TLS; the token itself, 
 encoded, checked in constant time by `Auth.identify` on every request, so that a token
 removed from the configuration stops working at once). A browser without one gets the
 login form, not a JSON 401; `/status.json` answers the JSON 401 a script expects.
+
+The login form is the one route a stranger may POST to when auth is on, so its body is
+bounded by a few KiB (not `max_body_bytes`) and must be a urlencoded form; and since
+SameSite limits where a cookie is sent, not who may set it, a sign-in or sign-out that
+the browser says comes from another site is refused (login CSRF).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import html
 import logging
 from importlib import resources
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 from quart import Quart, Response, request
@@ -31,6 +37,9 @@ log = logging.getLogger("gateway.status")
 COOKIE = "gateway_status"
 COOKIE_MAX_AGE_S = 30 * 86400
 POLL_MS = 500
+LOGIN_MAX_BYTES = 4096  # a token and a submit button; the form has one field
+LOGIN_MAX_FIELDS = 8
+_FORM = "application/x-www-form-urlencoded"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -79,6 +88,55 @@ def presented_token() -> bytes:
         return base64.urlsafe_b64decode(cookie.encode("ascii") + b"==")
     except (binascii.Error, UnicodeEncodeError, ValueError):
         return b""
+
+
+def cross_site() -> bool:
+    """Whether the browser says this request comes from another site: its Sec-Fetch-Site,
+    else its Origin against the Host it asked for. A client that sends neither is not a
+    browser on another site (curl, a script), so it has no ambient cookie to abuse."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.lower() not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower()
+
+
+class FormRefused(Exception):
+    """The login body is not a small urlencoded form: the status and what to say."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+async def login_token() -> bytes:
+    """The `token` field of the login form, read at most `LOGIN_MAX_BYTES` into memory."""
+    mimetype = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if mimetype != _FORM:
+        raise FormRefused(415, f"The sign-in form must be sent as {_FORM}.")
+    too_large = FormRefused(413, f"The sign-in form is too large (over {LOGIN_MAX_BYTES} bytes).")
+    length = request.content_length
+    if length is not None and length > LOGIN_MAX_BYTES:
+        raise too_large
+    data = bytearray()
+    async for chunk in request.body:
+        data += chunk
+        if len(data) > LOGIN_MAX_BYTES:
+            raise too_large
+    try:
+        fields = parse_qsl(
+            data.decode("utf-8", "replace"),
+            keep_blank_values=True,
+            errors="replace",
+            max_num_fields=LOGIN_MAX_FIELDS,
+        )
+    except ValueError:
+        raise FormRefused(400, "The sign-in form has too many fields.") from None
+    token = next((value for key, value in fields if key == "token"), "")
+    return token.strip().encode()
 
 
 def register(app: Quart, services: Services) -> None:
@@ -141,10 +199,22 @@ def register(app: Quart, services: Services) -> None:
     async def login_get() -> Response:
         return Response("", status=303, headers={"Location": "/status"})
 
+    def refused_from_elsewhere() -> Response:
+        return html_response(
+            pages.login("A sign-in or sign-out from another site is refused."), 403
+        )
+
     @app.post("/status/login")
     async def login() -> Response:
-        form = await request.form
-        token = form.get("token", "").strip().encode()
+        if cross_site():
+            return refused_from_elsewhere()
+        try:
+            token = await login_token()
+        except FormRefused as exc:
+            response = html_response(pages.login(exc.message), exc.status)
+            if exc.status == 413:  # the rest of the body is not read: no reuse
+                response.headers["Connection"] = "close"
+            return response
         if auth.enabled:
             name, _ = auth.identify(token)
             if not name:
@@ -167,6 +237,8 @@ def register(app: Quart, services: Services) -> None:
 
     @app.post("/status/logout")
     async def logout() -> Response:
+        if cross_site():
+            return refused_from_elsewhere()
         response = Response("", status=303, headers={"Location": "/status"})
         response.delete_cookie(COOKIE, path="/", secure=secure, httponly=True, samesite="Strict")
         return response

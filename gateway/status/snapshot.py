@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from gateway.config import redact_url
 from gateway.gate import GateFigures
 from gateway.providers.registry import LOCAL, ORDER
 from gateway.status.tally import ProviderTally
@@ -210,7 +211,7 @@ def provider_views(services: Services, tally: ProviderTally, now: float) -> list
             ProviderView(
                 name=name,
                 registered=True,
-                base_url=provider.base_url,
+                base_url=redact_url(provider.base_url),
                 requests_1h=figures.requests,
                 errors_1h=figures.errors,
                 last_error=last.message if last else None,

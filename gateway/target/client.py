@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from gateway.config import OllamaConfig, redact_url
-from gateway.errors import UpstreamProtocol, UpstreamStatus
+from gateway.errors import DECODE_ERRORS, UpstreamProtocol, UpstreamStatus
 from gateway.h1.client import MAX_READ_BYTES, ConnectionPool
 from gateway.target.ndjson import MAX_LINE_BYTES, NdjsonSplitter
 from gateway.target.wire import (
@@ -28,7 +28,7 @@ from gateway.target.wire import (
     ShowResponse,
     VersionResponse,
 )
-from gateway.upstream import upstream_message
+from gateway.upstream import cut, upstream_message
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -177,13 +177,13 @@ class TargetClient:
             data = await response.read()
         if response.status >= 400:
             raise UpstreamStatus(
-                f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
+                f"{self.name}: {upstream_message(data, response.status, scrub=self.scrub)}",
                 upstream_status=response.status,
                 retry_after=_text(response.header(b"retry-after")),
             )
         try:
             return data, _decoder(kind).decode(data)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent an answer that is not valid: {exc}") from None
 
     async def _stream(self, path: str, payload: Any, kind: type[T]) -> AsyncGenerator[T, None]:
@@ -191,7 +191,7 @@ class TargetClient:
             if response.status >= 400:
                 data = await response.read()
                 raise UpstreamStatus(
-                    f"{self.name}: {self.scrub(upstream_message(data, response.status))}",
+                    f"{self.name}: {upstream_message(data, response.status, scrub=self.scrub)}",
                     upstream_status=response.status,
                     retry_after=_text(response.header(b"retry-after")),
                 )
@@ -210,11 +210,11 @@ class TargetClient:
     def _frame(self, decoder: msgspec.json.Decoder[T], line: bytes) -> T:
         try:
             frame = decoder.decode(line)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             raise UpstreamProtocol(f"{self.name} sent a line that is not JSON: {exc}") from None
         error = getattr(frame, "error", None)
         if isinstance(error, str):
-            raise UpstreamProtocol(f"{self.name} failed mid-answer: {self.scrub(error)}")
+            raise UpstreamProtocol(f"{self.name} failed mid-answer: {cut(self.scrub(error))}")
         return frame
 
     # Typed calls -----------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import msgspec
 import trio
 
-from gateway.errors import UpstreamError
+from gateway.errors import DECODE_ERRORS, UpstreamError
 from gateway.providers.client_api import ClientAPI
 
 log = logging.getLogger("gateway.cloud_tags")
@@ -37,7 +37,7 @@ def merged(local_body: bytes, cloud_entries: list[dict[str, object]]) -> bytes:
     try:
         fields = _local.decode(local_body)
         models = _models.decode(fields.get("models", msgspec.Raw(b"[]"))) or []
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except DECODE_ERRORS:
         return local_body
     extra = [msgspec.Raw(_encode(entry)) for entry in cloud_entries]
     fields["models"] = msgspec.Raw(_encode([*models, *extra]))
@@ -64,7 +64,7 @@ class CloudTags:
         except UpstreamError as exc:
             log.warning("ollama_cloud listed no models for /api/tags: %s", exc.message)
             return self._entries
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except DECODE_ERRORS:
             log.warning("ollama_cloud sent a model list that is not valid")
             return self._entries
         entries = []

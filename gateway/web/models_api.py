@@ -18,6 +18,7 @@ import msgspec
 import trio
 
 from gateway.errors import (
+    DECODE_ERRORS,
     GatewayError,
     MethodNotAllowed,
     ModelNotFound,
@@ -168,7 +169,7 @@ class ModelsRoutes:
             raise api.http.status_error(answer)
         try:
             ids = [entry.id for entry in _listing.decode(answer.body).data]
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             message = f"{api.name} sent a model list that is not valid: {exc}"
             raise UpstreamProtocol(message) from None
         self._cache[api.name] = (now + LISTING_TTL_S, ids)
