@@ -293,6 +293,9 @@ class StatusConfig(_Section, frozen=True):
 
 class Config(_Section, frozen=True):
     bind: str = "127.0.0.1:11435"
+    # On a loopback bind, requests whose Host is not a local name or an address get 403
+    # (DNS rebinding, ADR 0013). Names to allow too (a reverse proxy's); "*": no check.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     # A client that accepts no bytes for this long is dropped, freeing the gate.
     write_timeout_s: Seconds = 30.0

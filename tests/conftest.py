@@ -24,6 +24,9 @@ def make_config(ollama_url: str, **sections: Any) -> Config:
     """A config for tests: port 0, fast polls, the given overrides merged in by section."""
     raw: dict[str, Any] = {
         "bind": "127.0.0.1:0",
+        # The Host names the raw-socket tests send; the DNS-rebinding guard (on, since
+        # the bind is loopback) refuses any other name but local ones and addresses.
+        "allowed_hosts": ["gw", "a", "b", "t", "x", "host", "soak", "gateway"],
         "shutdown_grace_s": 2.0,
         "ollama": {
             "url": ollama_url,

@@ -10,11 +10,12 @@ from typing import Any
 import trio
 
 from gateway.auth import SELF_CHECKED_PATHS as STATUS_ROUTES
-from gateway.errors import GatewayError
+from gateway.errors import Forbidden, GatewayError
 from gateway.providers.protocols import MODELS_PATH, PROTOCOLS
 from gateway.record import SCOPE_KEY, RequestRecord, new_request_id
 from gateway.services import Services
 from gateway.web.asgi import Message, Receive, Responder, Scope, Send, header
+from gateway.web.host_guard import HostGuard
 from gateway.web.ollama_api import ROUTES, Kind, route_for
 from gateway.web.shapes import openai_error, responder_for, sse_error_tail
 
@@ -53,6 +54,7 @@ class Observed:
     def __init__(self, inner: Any, services: Services) -> None:
         self._inner = inner
         self._s = services
+        self._hosts = HostGuard(services.config.bind_host_port()[0], services.config.allowed_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +98,12 @@ class Observed:
 
         try:
             try:
+                if not self._hosts.allowed(header(scope, b"host")):
+                    raise Forbidden(
+                        "the Host header names neither this machine nor a local address;"
+                        " the gateway listens on loopback only and refuses it (DNS"
+                        " rebinding). Add the name to allowed_hosts to accept it"
+                    )
                 route = route_for(path)
                 admin = route is not None and route.kind is Kind.MANAGE
                 record.client_name = self._s.auth.check(
