@@ -141,3 +141,11 @@ async def test_a_lan_bind_is_not_guarded(
     port = gw.url.rsplit(":", 1)[1]
     status, _ = await raw(f"http://127.0.0.1:{port}", request("/health", "gateway.lan"))
     assert status == 200
+
+
+def test_decisions_are_remembered_for_a_bounded_number_of_host_values() -> None:
+    guard = HostGuard("127.0.0.1", [], hostname="box")
+    for n in range(1000):  # a client sending a new Host each time
+        assert guard.allowed(f"evil{n}.example".encode()) is False
+    assert guard.allowed(b"127.0.0.1:1") is True  # still decided, past the bound
+    assert len(guard._seen) == 256

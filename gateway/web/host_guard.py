@@ -19,6 +19,7 @@ import socket
 from collections.abc import Iterable
 
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+_SEEN_MAX = 256
 
 
 def guards(bind_host: str) -> bool:
@@ -53,10 +54,21 @@ class HostGuard:
         self.active = guards(bind_host) and "*" not in names
         own = (hostname if hostname is not None else socket.gethostname()).lower()
         self._names = frozenset({"", "localhost", own, *names})
+        # The few Host values real clients send, decided once (an address's parse costs
+        # microseconds, the lookup a fraction of one).
+        self._seen: dict[bytes | None, bool] = {}
 
     def allowed(self, value: bytes | None) -> bool:
         if not self.active:
             return True
+        known = self._seen.get(value)
+        if known is None:
+            known = self._decide(value)
+            if len(self._seen) < _SEEN_MAX:  # Host values are the client's: bounded
+                self._seen[value] = known
+        return known
+
+    def _decide(self, value: bytes | None) -> bool:
         host = host_name(value)
         if host in self._names or host.endswith(LOCAL_SUFFIXES):
             return True
