@@ -31,7 +31,8 @@ from gateway.web.asgi import (
 )
 from gateway.web.cloud_relay import relay_cloud
 from gateway.web.content_coding import read_plain_body
-from gateway.web.ollama_api import Forward, parse_routing
+from gateway.web.forward import Forward
+from gateway.web.ollama_api import parse_routing
 from gateway.web.shapes import responder_for
 
 # The client's headers a protocol needs upstream (never its credentials).
